@@ -159,6 +159,21 @@ class XatlConfig(PretrainedConfig):
             **kwargs,
         )
 
+    @classmethod
+    def from_source(
+        cls, source_config: Any, mixer: str = "mamba", attention_layers: Any = None, **ssm_options: Any
+    ) -> "XatlConfig":
+        """A target config whose blocks reproduce ``source_config``'s (a GPT-NeoX or
+        Llama-shaped transformers config, or a model carrying one): family, vocab, sizes,
+        heads, activation, RoPE (from ``rope_parameters``), norm eps, residual layout, biases,
+        tied embeddings and special token ids come from the source; ``mixer``,
+        ``attention_layers`` and mixer options (``d_state``, ``d_conv``, ``expand``, ...) from
+        the caller. ValueError for an unsupported source or an option the source fixes."""
+        from ..transfer import check_target_options, source_config_kwargs  # lazy: transfer imports this module
+
+        check_target_options(ssm_options)
+        return cls(**source_config_kwargs(source_config), mixer=mixer, attention_layers=attention_layers, **ssm_options)
+
     # -- derived -------------------------------------------------------------------
     @property
     def head_dim(self) -> int:
