@@ -1,0 +1,565 @@
+"""The trainer: one run config -> one trained model, under the ``deepspeed`` launcher.
+
+    deepspeed --num_gpus N --module xatl_ds.train --config RUN.yaml
+    python -m xatl_ds.train --config RUN.yaml            # one process
+
+Order of work: validate the config (nothing starts on a bad one) -> build the model
+(scratch, or XATL transfer from a source) -> freeze plan -> DeepSpeed engine -> resume
+from the last checkpoint if any -> train -> export (HF format, consolidated from ZeRO-3),
+``meta.json`` and ``DONE``.
+
+Freezing under ZeRO. DeepSpeed fixes the optimizer's parameter set at ``initialize``, so
+every parameter enters the optimizer, one parameter group per unfreeze stage. A frozen
+stage has lr 0 (AdamW then leaves it bit-identical: the update and the decoupled decay are
+both scaled by lr) *and* ``requires_grad=False`` after ``initialize`` (so autograd skips
+its weight gradients, they stay out of the clipping norm, and the step costs less).
+Unfreezing sets ``requires_grad`` back and ramps the group's lr. Tests prove at ZeRO 0-3
+that frozen tensors stay bit-identical and move once released.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, RunConfig, ds_config_path, load_run_config
+from .sizes import get_size
+
+DONE = "DONE"
+CKPT_DIR = "checkpoints"
+METRICS = "metrics.jsonl"
+
+
+# -- process set-up --------------------------------------------------------------------
+def _setup_threads() -> None:
+    """One rank per core on CPU: without this, 2 ranks on 2 cores run ~10x slower."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    if "OMP_NUM_THREADS" not in os.environ:
+        n = max(1, (os.cpu_count() or 1) // max(1, local_world))
+        os.environ["OMP_NUM_THREADS"] = str(n)
+        torch.set_num_threads(n)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Start torch.distributed through DeepSpeed (gloo on CPU, NCCL on CUDA)."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # plain `python -m xatl_ds.train`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    cuda = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def resolve_precision(cfg: RunConfig, device: torch.device) -> str:
+    p = cfg.deepspeed.precision
+    if p == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return p
+
+
+def build_ds_config(cfg: RunConfig, world: int, precision: str) -> dict:
+    """The named ds_configs/ JSON with batch, clipping and precision filled from the run."""
+    ds = json.loads(ds_config_path(cfg.deepspeed.config).read_text())
+    micro, gas = cfg.batch_layout(world)
+    ds["train_batch_size"] = cfg.data.batch_size
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = gas
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    ds.pop("scheduler", None)  # a DS scheduler would overwrite the per-stage learning rates
+    ds.pop("optimizer", None)  # the client AdamW carries the stage groups
+    for key in ("bf16", "fp16"):
+        ds.pop(key, None)
+    if precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    for k, v in list(ds.items()):
+        if v == "auto":
+            raise ConfigError(f"{cfg.deepspeed.config}: field {k!r} is 'auto' and xatl-ds cannot fill it")
+    return ds
+
+
+# -- model ------------------------------------------------------------------------------
+def build_model(cfg: RunConfig, vocab_size: int):
+    """Returns (model, transfer report dict or None, tokenizer from the source or None)."""
+    from .models import XatlConfig, XatlForCausalLM
+    from .models.components import COMPONENTS
+
+    m = cfg.model
+    ssm = dict(d_state=m.d_state, d_conv=m.d_conv, expand=m.expand, mamba2_headdim=m.mamba2_headdim,
+               chunk_size=m.chunk_size, kernels=m.kernels)  # fmt: skip
+    torch.manual_seed(cfg.seed)
+    if cfg.init.kind == "scratch":
+        size = get_size(m.size)
+        mc = XatlConfig(
+            family=m.family, vocab_size=m.vocab_size or vocab_size, hidden_size=size.d_model,
+            num_hidden_layers=size.n_layers, num_attention_heads=size.n_heads, mixer=m.mixer,
+            attention_layers=m.attention_layers, **ssm,
+        )  # fmt: skip
+        if mc.vocab_size < vocab_size:
+            raise ConfigError(f"model.vocab_size={mc.vocab_size} is smaller than the dataset's {vocab_size}")
+        return XatlForCausalLM(mc), None, None
+    from .transfer import load_source, transfer
+
+    src = load_source(cfg.init.source)
+    mc = XatlConfig.from_source(src.model.config, mixer=m.mixer, attention_layers=m.attention_layers, **ssm)
+    if mc.vocab_size < vocab_size:
+        raise ConfigError(
+            f"init.source {cfg.init.source!r} has vocab {mc.vocab_size} but the dataset at data.path uses "
+            f"{vocab_size} ids: prepare the data with the source's tokenizer (xatl-ds data prepare --tokenizer SRC)"
+        )
+    model = XatlForCausalLM(mc)
+    default = list(cfg.init.components) == list(COMPONENTS)
+    report = transfer(src.model, model, components=None if default else cfg.init.components, strict=cfg.init.strict)
+    del src
+    return model, report.to_dict(), None
+
+
+def param_groups(model, stage_of: dict[str, int], weight_decay: float) -> tuple[list[dict], list[int]]:
+    """One AdamW group per (stage, decay?) pair; returns the groups and each group's stage."""
+    buckets: dict[tuple[int, bool], list] = {}
+    for name, p in model.named_parameters():
+        decay = p.dim() >= 2 and "embed_tokens" not in name and "A_log" not in name
+        buckets.setdefault((stage_of[name], decay), []).append(p)
+    groups, stages = [], []
+    for (stage, decay), params in sorted(buckets.items()):
+        groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": 0.0})
+        stages.append(stage)
+    return groups, stages
+
+
+def lr_at(cfg: RunConfig, peak: float, step: int, progress: float) -> float:
+    """Main schedule: linear warmup over steps, then cosine over run progress to the floor."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return peak * (step + 1) / o.warmup_steps
+    p = min(1.0, max(0.0, progress))
+    floor = peak * o.min_lr_ratio
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * p))
+
+
+# -- the run ----------------------------------------------------------------------------
+class Trainer:
+    """State and loop of one run (see the module docstring)."""
+
+    def __init__(self, cfg: RunConfig, rank: int, world: int, device: torch.device):
+        from .data import PackedTokens
+        from .freeze import TRAINABLE, FreezeController, param_stage_map
+        from .models.components import components_of
+
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        self.out = Path(cfg.out_dir)
+        self.train_data = PackedTokens(cfg.data.path, "train")
+        self.val_data = PackedTokens(cfg.data.path, "val")
+        self.micro, self.gas = cfg.batch_layout(world)
+        self.precision = resolve_precision(cfg, device)
+
+        model, self.transfer_report, _ = build_model(cfg, self.train_data.vocab_size)
+        self.model_config = model.config
+        present = (
+            {c for c, v in self.transfer_report["components"].items() if v["tensors"]} if self.transfer_report else set()
+        )
+        self.ctrl = FreezeController(cfg.freeze, present)
+        comp = components_of(model)
+        self.stage_of = param_stage_map(comp, cfg.freeze, present)
+        self.names_by_stage: dict[int, list[str]] = {}
+        for n, s in self.stage_of.items():
+            self.names_by_stage.setdefault(s, []).append(n)
+        self.TRAINABLE = TRAINABLE
+        self.new_param_names = [n for n, c in comp.items() if self.stage_of[n] == TRAINABLE]
+        size_lr = get_size(cfg.model.size).lr if cfg.init.kind == "scratch" else None
+        self.peak_lr = cfg.optim.lr or size_lr or 3e-4
+        groups, self.group_stages = param_groups(model, self.stage_of, cfg.optim.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=self.peak_lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+
+        import deepspeed
+
+        ds_cfg = build_ds_config(cfg, world, self.precision)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
+        self.zero_stage = self.engine.zero_optimization_stage()
+        self.params = dict(self.engine.module.named_parameters())
+
+        # counters restored on resume
+        self.step = 0
+        self.tokens = 0
+        self.flops = 0.0
+        self.wall = 0.0
+        self.last_val: float | None = None
+        self._flops_cache: dict[frozenset, float] = {}
+
+    # -- freezing ----------------------------------------------------------------
+    def frozen_stages(self, step: int) -> set[int]:
+        """Stages whose lr multiplier is exactly 0 at ``step`` (never released, or not yet)."""
+        return {s for s in self.names_by_stage if s != self.TRAINABLE and self.ctrl.lr_scale(s, step) == 0.0}
+
+    def apply_freeze(self, step: int) -> None:
+        """requires_grad follows the controller (lr 0 alone would still compute weight grads)."""
+        frozen = self.frozen_stages(step)
+        for s, names in self.names_by_stage.items():
+            for n in names:
+                self.params[n].requires_grad_(s not in frozen)
+
+    def frozen_param_names(self, step: int) -> frozenset:
+        frozen = self.frozen_stages(step)
+        return frozenset(n for s in frozen for n in self.names_by_stage[s])
+
+    def step_flops(self, step: int) -> float:
+        from .flops import step_flops
+
+        key = self.frozen_param_names(step)
+        if key not in self._flops_cache:
+            fc = step_flops(self.model_config, self.cfg.data.batch_size, self.cfg.data.seq_len, key,
+                            frozen_weight_grads=False)  # fmt: skip
+            self._flops_cache[key] = float(fc.total)
+        return self._flops_cache[key]
+
+    def trainable_params(self, step: int) -> int:
+        frozen = self.frozen_param_names(step)
+        return sum(_numel(p) for n, p in self.params.items() if n not in frozen)
+
+    # -- budget --------------------------------------------------------------------
+    def total_steps(self) -> int | None:
+        b = self.cfg.budget
+        if b.steps is not None:
+            return int(b.steps)
+        if b.tokens is not None:
+            return math.ceil(b.tokens / (self.cfg.data.batch_size * self.cfg.data.seq_len))
+        return None  # FLOP budget: ends when reached
+
+    def progress(self, step: int) -> float:
+        total = self.total_steps()
+        if total is not None:
+            return step / max(1, total)
+        return self.flops / float(self.cfg.budget.flops)
+
+    def finished(self) -> bool:
+        total = self.total_steps()
+        if total is not None:
+            return self.step >= total
+        return self.flops >= float(self.cfg.budget.flops)
+
+    # -- checkpoints -------------------------------------------------------------------
+    def ckpt_dir(self) -> Path:
+        return self.out / CKPT_DIR
+
+    def save_checkpoint(self) -> None:
+        tag = f"step{self.step:08d}"
+        state = {
+            "step": self.step, "tokens": self.tokens, "flops": self.flops, "wall": self.wall,
+            "last_val": self.last_val, "freeze": self.ctrl.state_dict(), "config_hash": self.cfg.content_hash(),
+        }  # fmt: skip
+        self.engine.save_checkpoint(str(self.ckpt_dir()), tag=tag, client_state={"xatl": state})
+        torch.distributed.barrier()
+        if self.rank == 0:
+            tags = sorted(p.name for p in self.ckpt_dir().glob("step*") if p.is_dir())
+            for old in tags[: -self.cfg.checkpoint.keep]:
+                shutil.rmtree(self.ckpt_dir() / old, ignore_errors=True)
+        torch.distributed.barrier()
+
+    def maybe_resume(self) -> bool:
+        latest = self.ckpt_dir() / "latest"
+        if not latest.is_file():
+            return False
+        path, client = self.engine.load_checkpoint(str(self.ckpt_dir()))
+        if path is None:
+            raise RuntimeError(f"checkpoint {latest.read_text().strip()} in {self.ckpt_dir()} could not be loaded")
+        st = client["xatl"]
+        if st["config_hash"] != self.cfg.content_hash():
+            raise ConfigError(
+                f"{self.out} holds checkpoints of a different run config (hash {st['config_hash']} != "
+                f"{self.cfg.content_hash()}); use another out_dir or delete {self.ckpt_dir()}"
+            )
+        self.step, self.tokens, self.flops, self.wall = st["step"], st["tokens"], st["flops"], st["wall"]
+        self.last_val = st["last_val"]
+        self.ctrl.load_state_dict(st["freeze"])
+        if self.rank == 0:
+            _truncate_metrics(self.out / METRICS, self.step)
+        return True
+
+    # -- evaluation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        from .data import global_mean_loss
+
+        eng = self.engine
+        eng.eval()
+        batches = list(self.val_data.iter_eval_batches(self.micro, self.cfg.data.seq_len, self.cfg.eval.batches,
+                                                       self.rank, self.world))  # fmt: skip
+        # ZeRO-3 gathers parameters collectively: every rank must run the same number of
+        # forwards, so ranks with fewer batches run dummies that count for nothing.
+        n = torch.tensor([len(batches)], dtype=torch.int64, device=self._comm_device())
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+        loss_sum, count = 0.0, 0
+        for i in range(int(n.item())):
+            real = i < len(batches)
+            x = (batches[i] if real else batches[0] if batches else torch.zeros(1, 2, dtype=torch.long)).to(self.device)
+            out = eng(input_ids=x, labels=x)
+            if real:
+                k = x.shape[0] * (x.shape[1] - 1)
+                loss_sum += float(out.loss) * k
+                count += k
+        eng.train()
+        return global_mean_loss(loss_sum, count, device=self._comm_device())
+
+    def _comm_device(self):
+        return self.device if self.device.type == "cuda" else None
+
+    def new_param_norm(self) -> float:
+        """Mean L2 norm of the new (non-transferred) weight tensors (the weight_norm rule)."""
+        params = [self.params[n] for n in self.new_param_names]
+        with _gathered(params, self.zero_stage):
+            norms = [float(p.detach().float().norm()) for p in params]
+        return sum(norms) / max(1, len(norms))
+
+    # -- the loop ----------------------------------------------------------------------------
+    def train(self) -> None:
+        cfg = self.cfg
+        resumed = self.maybe_resume()
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if not resumed:
+                (self.out / METRICS).write_text("")
+        metrics = open(self.out / METRICS, "a") if self.rank == 0 else None
+        bar = _progress(self, resumed)
+        comm = self._comm_device()
+        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        need_norm = cfg.freeze.policy == "weight_norm"
+        self.engine.train()
+        self.apply_freeze(self.step)
+        try:
+            while not self.finished():
+                step, t0 = self.step, time.perf_counter()
+                base_lr = lr_at(cfg, self.peak_lr, step, self.progress(step))
+                lrs = {}
+                for g, stage in zip(self.optimizer.param_groups, self.group_stages):
+                    g["lr"] = base_lr * (1.0 if stage == self.TRAINABLE else self.ctrl.lr_scale(stage, step))
+                    lrs[str(stage)] = g["lr"]
+                step_flops = self.step_flops(step)
+                trainable = self.trainable_params(step)
+                loss_acc = 0.0
+                for micro in range(self.gas):
+                    x = self.train_data.get_batch(step, micro, self.micro, cfg.data.seq_len, self.rank, self.world,
+                                                  cfg.seed, grad_accum=self.gas).to(self.device)  # fmt: skip
+                    loss = self.engine(input_ids=x, labels=x).loss
+                    self.engine.backward(loss)
+                    self.engine.step()
+                    loss_acc += float(loss.detach())
+                # every rank feeds the same global loss to the freeze rule, so decisions agree
+                lt = torch.tensor([loss_acc / self.gas], dtype=torch.float64, device=comm)
+                torch.distributed.all_reduce(lt)
+                train_loss = float(lt.item()) / self.world
+                if not math.isfinite(train_loss):
+                    raise FloatingPointError(f"training loss is {train_loss} at step {step}; lower optim.lr")
+                norm = self.new_param_norm() if need_norm else None
+                events = self.ctrl.update(step, train_loss, norm)
+                self.step += 1
+                self.tokens += tokens_per_step
+                self.flops += step_flops
+                self.wall += time.perf_counter() - t0
+                if events:
+                    self.apply_freeze(self.step)
+                row = {
+                    "step": self.step, "tokens": self.tokens, "train_loss": train_loss, "lr": lrs,
+                    "trainable_params": trainable, "freeze_stage": self.ctrl.stage, "flops": self.flops,
+                    "wall_time": self.wall, "tokens_per_s": tokens_per_step / max(1e-9, time.perf_counter() - t0),
+                }  # fmt: skip
+                if events:
+                    row["unfreeze"] = [e.to_dict() for e in events]
+                if norm is not None:
+                    row["new_param_norm"] = norm
+                if self.step % cfg.eval.every == 0 or self.finished():
+                    self.last_val = self.evaluate()
+                    row["val_loss"] = self.last_val
+                if metrics:
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                if bar:
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0 or events or "val_loss" in row:
+                        bar.set_postfix(_postfix(row, self.last_val), refresh=False)
+                    for e in events:
+                        bar.write(f"[{cfg.name}] step {e.step}: unfreeze stage {e.stage} {list(e.components)} ({e.rule})")
+                if self.step % cfg.checkpoint.every == 0 and not self.finished():
+                    self.save_checkpoint()
+        finally:
+            if metrics:
+                metrics.close()
+            if bar:
+                bar.close()
+        self.save_checkpoint()
+        self.export()
+
+    # -- export ------------------------------------------------------------------------------
+    def export(self) -> None:
+        """HF-format model (consolidated from ZeRO shards) + tokenizer, meta.json, DONE."""
+        from .data import load_tokenizer
+
+        params = list(self.engine.module.parameters())
+        with _gathered(params, self.zero_stage):
+            if self.rank == 0:
+                state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in self.engine.module.state_dict().items()}
+        if self.rank == 0:
+            from .export import is_plain_transformer, to_native
+            from .models import XatlForCausalLM
+
+            hf = self.out / "hf"
+            tmp = self.out / "hf.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model = XatlForCausalLM(self.model_config)
+            model.load_state_dict(state)
+            # an all-attention run is a source model: export it in its family's native format
+            native = is_plain_transformer(model)
+            (to_native(model) if native else model).save_pretrained(tmp)
+            tok_dir = Path(self.cfg.data.path) / "tokenizer"
+            if tok_dir.is_dir():
+                load_tokenizer(tok_dir).save_pretrained(tmp)
+            shutil.rmtree(hf, ignore_errors=True)
+            tmp.rename(hf)
+            meta = {
+                "name": self.cfg.name, "config": self.cfg.to_dict(), "config_hash": self.cfg.content_hash(),
+                "model_config": self.model_config.to_dict(), "steps": self.step, "tokens": self.tokens,
+                "flops": self.flops, "wall_time": self.wall, "final_val_loss": self.last_val,
+                "unfreeze_events": [e.to_dict() for e in self.ctrl.events], "transfer": self.transfer_report,
+                "world_size": self.world, "zero_stage": self.zero_stage, "precision": self.precision,
+                "export_format": "native" if native else "xatl", "versions": _versions(),
+            }  # fmt: skip
+            (self.out / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+            (self.out / DONE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+        torch.distributed.barrier()
+
+
+# -- helpers -------------------------------------------------------------------------------
+def _numel(p) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+class _gathered:
+    """ZeRO-3 parameter gathering (no-op below stage 3)."""
+
+    def __init__(self, params, stage: int):
+        self.ctx = None
+        if stage == 3:
+            import deepspeed
+
+            self.ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    def __enter__(self):
+        if self.ctx:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx:
+            return self.ctx.__exit__(*exc)
+        return False
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from (they will be recomputed)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError):
+            break  # a torn last line from a kill
+    path.write_text("".join(x + "\n" for x in keep))
+
+
+def _progress(tr: Trainer, resumed: bool):
+    if tr.rank != 0:
+        return None
+    from tqdm import tqdm
+
+    total = tr.total_steps()
+    desc = f"{tr.cfg.name}" + (" (resumed)" if resumed else "")
+    return tqdm(total=total, initial=tr.step, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0,
+                disable=os.environ.get("XATL_NO_PROGRESS") == "1")  # fmt: skip
+
+
+def _postfix(row: dict, val: float | None) -> dict:
+    d = {"loss": f"{row['train_loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}", "stage": row["freeze_stage"]}
+    if val is not None:
+        d["val"] = f"{val:.3f}"
+    return d
+
+
+def _versions() -> dict:
+    import deepspeed
+    import transformers
+
+    from . import __version__
+
+    return {"xatl_ds": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "transformers": transformers.__version__}  # fmt: skip
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="xatl_ds.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="run config YAML")
+    ap.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field, e.g. -o budget.steps=100 (repeatable)")  # fmt: skip
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_run_config(args.config, args.override)  # nothing starts on a bad config
+    except ConfigError as e:
+        print(f"xatl_ds.train: bad config: {e}", file=sys.stderr)
+        return 2
+    out = Path(cfg.out_dir)
+    if (out / DONE).is_file():
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"[{cfg.name}] already finished ({out / DONE}); nothing to do")
+        return 0
+    _setup_threads()
+    rank, world, device = init_distributed()
+    try:
+        cfg.batch_layout(world)
+        trainer = Trainer(cfg, rank, world, device)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(cfg.to_yaml())
+            if trainer.transfer_report:
+                (out / "transfer.json").write_text(json.dumps(trainer.transfer_report, indent=1))
+        trainer.train()
+    except ConfigError as e:
+        print(f"xatl_ds.train: bad config: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
