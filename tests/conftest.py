@@ -135,3 +135,28 @@ def make_source_dir(tmp_path_factory, tiny_tokenizer):
             return saved[path]
 
     return _Factory()
+
+
+# -- training fixtures -------------------------------------------------------------------
+REPO = Path(__file__).resolve().parent.parent
+
+
+def train_env() -> dict:
+    """Environment for trainer subprocesses: one thread per rank, no progress bar noise."""
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    env["OMP_NUM_THREADS"] = "1"
+    env["XATL_NO_PROGRESS"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A small prepared dataset from the built-in corpus (BPE vocab = TINY_VOCAB, so the tiny
+    random sources fit it)."""
+    from xatl_ds.data import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    prepare(PrepareConfig(out=out, max_chars=40_000, vocab_size=TINY_VOCAB, bpe_max_chars=200_000))
+    return out

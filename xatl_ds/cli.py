@@ -8,11 +8,13 @@ from typing import Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
-    from . import transfer
+    from . import data, launch, transfer
 
     parser = argparse.ArgumentParser(prog="xatl-ds", description="Cross-Architecture Transfer Learning on DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    data.add_cli(sub)
     transfer.add_cli(sub)
+    launch.add_cli(sub)
     return parser
 
 
