@@ -6,18 +6,16 @@ everything before any work starts and names the offending field in its error.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import hashlib
-import inspect
 import json
-import textwrap
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .docstrings import field_docs  # noqa: F401  (re-exported for the reference)
 from .freeze import FreezeConfig
 from .models.components import COMPONENTS
 from .models.configuration import KERNEL_MODES, MIXERS, resolve_attention_layers
@@ -385,13 +383,3 @@ def apply_override(data: dict, override: str) -> None:
             raise ConfigError(f"override {override!r}: {p} is not a section")
     node[parts[-1]] = value
 
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Field name -> the docstring written under it in the dataclass body."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-            docs[a.target.id] = inspect.cleandoc(b.value.value)
-    return docs

@@ -519,14 +519,7 @@ class FreezeController:
 
 def freeze_config_fields() -> dict[str, str]:
     """Field name -> its docstring (for CLI ``--help`` and the config reference)."""
-    import ast
-    import inspect
-    import textwrap
+    from .docstrings import field_docs
 
-    tree = ast.parse(textwrap.dedent(inspect.getsource(FreezeConfig)))
-    body = tree.body[0].body
-    docs = {}
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-            docs[a.target.id] = inspect.cleandoc(b.value.value)
+    docs = field_docs(FreezeConfig)
     return {f.name: docs.get(f.name, "") for f in fields(FreezeConfig)}
