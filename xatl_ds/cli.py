@@ -8,13 +8,14 @@ from typing import Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
-    from . import data, launch, transfer
+    from . import data, evaluate, launch, transfer
 
     parser = argparse.ArgumentParser(prog="xatl-ds", description="Cross-Architecture Transfer Learning on DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     data.add_cli(sub)
     transfer.add_cli(sub)
     launch.add_cli(sub)
+    evaluate.add_cli(sub)
     return parser
 
 

@@ -1,0 +1,241 @@
+"""Collect a sweep's runs into one pandas table (finished and partial runs alike).
+
+A run directory is any folder under the sweep root holding ``meta.json``, ``metrics.jsonl`` or
+``config.yaml`` (what the trainer writes); ``hf/`` and ``checkpoints/`` are not searched.
+State: ``done`` (a DONE file), ``partial`` (metrics but no DONE), ``pending`` (config only).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+__all__ = ["RunRecord", "find_runs", "load_run", "results_table", "size_label", "EVAL_PREFIX"]
+
+EVAL_PREFIX = "eval/"
+_SKIP_DIRS = {"hf", "hf.tmp", "checkpoints", "figures", "tasks", "__pycache__"}
+_MARKERS = ("meta.json", "metrics.jsonl", "config.yaml")
+
+
+@dataclass
+class RunRecord:
+    """Everything read from one run directory."""
+
+    run_dir: Path
+    state: str
+    config: dict
+    meta: dict
+    metrics: pd.DataFrame
+    eval: dict = field(default_factory=dict)
+
+    @property
+    def val_curve(self) -> pd.DataFrame:
+        """Rows with a validation loss: step, tokens, flops, wall_time, val_loss."""
+        m = self.metrics
+        if m.empty or "val_loss" not in m:
+            return pd.DataFrame(columns=["step", "tokens", "flops", "wall_time", "val_loss"])
+        cols = [c for c in ("step", "tokens", "flops", "wall_time", "val_loss") if c in m]
+        return m.loc[m["val_loss"].notna(), cols].reset_index(drop=True)
+
+    @property
+    def unfreeze_events(self) -> list[dict]:
+        """Unfreeze events (meta.json when finished, else the metrics rows), each with the
+        cumulative FLOPs and tokens at its step."""
+        events = list(self.meta.get("unfreeze_events") or [])
+        m = self.metrics
+        if not events and not m.empty and "unfreeze" in m:
+            for ev in m["unfreeze"].dropna():
+                events.extend(ev)
+        out = []
+        for e in events:
+            e = dict(e)
+            if not m.empty and "step" in m:
+                # the event's step is the first step that trains the stage: FLOPs done before it
+                prior = m.loc[m["step"] <= max(0, int(e.get("step", 0)) - 1)]
+                e["flops"] = float(prior["flops"].iloc[-1]) if len(prior) and "flops" in m else 0.0
+                e["tokens"] = float(prior["tokens"].iloc[-1]) if len(prior) and "tokens" in m else 0.0
+            out.append(e)
+        return out
+
+
+def find_runs(root: str | Path) -> list[Path]:
+    """Run directories under ``root`` (``root`` itself included), sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"sweep directory {root} does not exist")
+    found = []
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        if any((d / m).is_file() for m in _MARKERS):
+            found.append(d)
+            continue  # a run's subfolders are its own (hf/, checkpoints/)
+        stack.extend(p for p in d.iterdir() if p.is_dir() and p.name not in _SKIP_DIRS and not p.name.startswith("."))
+    return sorted(found)
+
+
+def _read_metrics(path: Path) -> pd.DataFrame:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line of a killed run
+    return pd.DataFrame(rows)
+
+
+def load_run(run_dir: str | Path) -> RunRecord:
+    """Read meta.json, config.yaml, metrics.jsonl and eval.json of one run (any may be missing)."""
+    d = Path(run_dir)
+    meta = json.loads((d / "meta.json").read_text()) if (d / "meta.json").is_file() else {}
+    config = meta.get("config") or {}
+    if not config and (d / "config.yaml").is_file():
+        config = yaml.safe_load((d / "config.yaml").read_text()) or {}
+    metrics = _read_metrics(d / "metrics.jsonl")
+    ev = json.loads((d / "eval.json").read_text()) if (d / "eval.json").is_file() else {}
+    state = "done" if (d / "DONE").is_file() else ("partial" if not metrics.empty else "pending")
+    return RunRecord(d, state, config, meta, metrics, ev)
+
+
+def _sizes() -> dict:
+    try:
+        from xatl_ds.sizes import SIZES
+
+        return SIZES
+    except Exception:  # noqa: BLE001  (analysis must work without the training stack)
+        return {}
+
+
+def size_label(n_layers: int | None, d_model: int | None, fallback: str | None = None) -> str:
+    """The SIZES name with these dimensions (CPU names and Pythia names share none), else
+    ``L{layers}-d{width}``, else ``fallback``."""
+    if n_layers and d_model:
+        for name, s in _sizes().items():
+            if (s.n_layers, s.d_model) == (int(n_layers), int(d_model)):
+                return name
+        return f"L{int(n_layers)}-d{int(d_model)}"
+    return fallback or "?"
+
+
+def _dims(rec: RunRecord) -> tuple[int | None, int | None]:
+    """(layers, width): the exported model config, else the XATL source's config.json, else
+    the size table entry of a scratch run."""
+    mc = rec.meta.get("model_config") or {}
+    if mc.get("num_hidden_layers"):
+        return mc["num_hidden_layers"], mc.get("hidden_size")
+    init = rec.config.get("init") or {}
+    if init.get("kind") == "xatl" and init.get("source"):
+        cfg = Path(init["source"]) / "config.json"
+        if cfg.is_file():
+            c = json.loads(cfg.read_text())
+            return c.get("num_hidden_layers"), c.get("hidden_size")
+        return None, None
+    s = _sizes().get((rec.config.get("model") or {}).get("size", "tiny"))
+    return (s.n_layers, s.d_model) if s else (None, None)
+
+
+def _attention_layers(rec: RunRecord, n_layers: int | None) -> str:
+    """Resolved attention layer indices as a label: ``none``, ``all`` or ``1,3``."""
+    mixers = (rec.meta.get("model_config") or {}).get("layer_mixers")
+    if mixers:
+        idx = [i for i, m in enumerate(mixers) if m == "attention"]
+    else:
+        spec = (rec.config.get("model") or {}).get("attention_layers", "none")
+        try:
+            from xatl_ds.models.configuration import resolve_attention_layers
+
+            idx = list(resolve_attention_layers(spec, n_layers)) if n_layers else None
+        except Exception:  # noqa: BLE001
+            idx = None
+        if idx is None:
+            return str(spec)
+    if not idx:
+        return "none"
+    if n_layers and len(idx) == n_layers:
+        return "all"
+    return ",".join(str(i) for i in idx)
+
+
+def _order_label(order: Any) -> str:
+    if isinstance(order, str):
+        return order
+    if isinstance(order, list):
+        return " > ".join(",".join(s) if isinstance(s, list) else str(s) for s in order)
+    return str(order)
+
+
+def _last(m: pd.DataFrame, col: str) -> float:
+    return float(m[col].dropna().iloc[-1]) if not m.empty and col in m and m[col].notna().any() else math.nan
+
+
+def _row(rec: RunRecord, root: Path) -> dict:
+    c, meta, m = rec.config, rec.meta, rec.metrics
+    model, init, fr = c.get("model") or {}, c.get("init") or {}, c.get("freeze") or {}
+    budget = {k: v for k, v in (c.get("budget") or {}).items() if v is not None}
+    n_layers, d_model = _dims(rec)
+    kind = init.get("kind", "scratch")
+    size = size_label(n_layers, d_model, model.get("size"))
+    curve = rec.val_curve
+    events = rec.unfreeze_events
+    tr = meta.get("transfer") or {}
+    try:
+        rel = str(rec.run_dir.relative_to(root))
+    except ValueError:
+        rel = str(rec.run_dir)
+    row: dict[str, Any] = {
+        "run": rel, "run_dir": str(rec.run_dir), "name": meta.get("name") or c.get("name") or rec.run_dir.name,
+        "state": rec.state, "size": size, "n_layers": n_layers, "d_model": d_model,
+        "family": (meta.get("model_config") or {}).get("family") or model.get("family"),
+        "mixer": model.get("mixer"), "attention_layers": _attention_layers(rec, n_layers),
+        "init_kind": kind, "source": init.get("source") if kind == "xatl" else None,
+        "components": ",".join(init.get("components") or []) if kind == "xatl" else None,
+        "freeze_policy": fr.get("policy") if kind == "xatl" else None,
+        "unfreeze_order": _order_label(fr.get("unfreeze_order")) if kind == "xatl" else None,
+        "lit_threshold": fr.get("threshold") if kind == "xatl" else None,
+        "lit_patience": fr.get("patience") if kind == "xatl" else None,
+        "lit_window": fr.get("window") if kind == "xatl" else None,
+        "rewarmup_steps": fr.get("rewarmup_steps") if kind == "xatl" else None,
+        "seed": c.get("seed"), "budget_kind": next(iter(budget), None),
+        "budget": float(next(iter(budget.values()))) if budget else math.nan,
+        "lr": (c.get("optim") or {}).get("lr"),
+        "steps": meta.get("steps", _last(m, "step")), "tokens": meta.get("tokens", _last(m, "tokens")),
+        "flops": meta.get("flops", _last(m, "flops")), "wall_time": meta.get("wall_time", _last(m, "wall_time")),
+        "final_val_loss": float(curve["val_loss"].iloc[-1]) if len(curve) else math.nan,
+        "best_val_loss": float(curve["val_loss"].min()) if len(curve) else math.nan,
+        "best_val_flops": float(curve.loc[curve["val_loss"].idxmin(), "flops"]) if len(curve) and "flops" in curve else math.nan,
+        "n_unfreeze": len(events), "first_unfreeze_step": events[0].get("step") if events else None,
+        "first_unfreeze_flops": events[0].get("flops") if events else None,
+        "transferred_fraction": tr.get("fraction"), "transferred_fraction_no_embed": tr.get("fraction_no_embed"),
+        "config_hash": meta.get("config_hash"), "has_eval": bool(rec.eval.get("tasks")),
+    }  # fmt: skip
+    for task, r in (rec.eval.get("tasks") or {}).items():
+        for metric, v in (r.get("metrics") or {}).items():
+            row[f"{EVAL_PREFIX}{task}/{metric}"] = v.get("value")
+            row[f"{EVAL_PREFIX}{task}/{metric}_stderr"] = v.get("stderr")
+    return row
+
+
+def results_table(root: str | Path, records: list[RunRecord] | None = None) -> pd.DataFrame:
+    """One row per run directory under ``root`` (see the module docstring for the columns'
+    sources); ``source_flops`` is filled when an XATL run's source is another run's ``hf/``."""
+    root = Path(root)
+    records = records if records is not None else [load_run(d) for d in find_runs(root)]
+    df = pd.DataFrame([_row(r, root) for r in records])
+    if df.empty:
+        return df
+    # sources trained in the sweep: a source path that is some run's hf export
+    by_hf = {}
+    for r in records:
+        by_hf[str((r.run_dir / "hf").resolve())] = r.meta.get("flops")
+    df["source_flops"] = [
+        by_hf.get(str(Path(s).resolve())) if isinstance(s, str) and s else np.nan for s in df["source"]
+    ]
+    df["source_flops"] = pd.to_numeric(df["source_flops"], errors="coerce")
+    return df
