@@ -70,7 +70,7 @@ def test_fixed_unfreeze_under_zero(stage, tmp_path, tiny_dataset, source_dir):
     )  # fmt: skip
     run_deepspeed(cfg_path)
     cfg = load_run_config(cfg_path)
-    init, report, _ = build_model(cfg, vocab_size=320)
+    init, report = build_model(cfg, vocab_size=320)
     init_sd = {k: v.float() for k, v in init.state_dict().items()}
     transferred = {t["target"] for c in report["components"].values() for t in c["tensors"]}
     assert len(transferred) > 20 and "model.layers.1.mixer.q_proj.weight" in transferred

@@ -106,7 +106,7 @@ def build_ds_config(cfg: RunConfig, world: int, precision: str) -> dict:
 
 # -- model ------------------------------------------------------------------------------
 def build_model(cfg: RunConfig, vocab_size: int):
-    """Returns (model, transfer report dict or None, tokenizer from the source or None)."""
+    """Returns (model, transfer report as a dict, or None for scratch runs)."""
     from .models import XatlConfig, XatlForCausalLM
     from .models.components import COMPONENTS
 
@@ -123,7 +123,7 @@ def build_model(cfg: RunConfig, vocab_size: int):
         )  # fmt: skip
         if mc.vocab_size < vocab_size:
             raise ConfigError(f"model.vocab_size={mc.vocab_size} is smaller than the dataset's {vocab_size}")
-        return XatlForCausalLM(mc), None, None
+        return XatlForCausalLM(mc), None
     from .transfer import load_source, transfer
 
     src = load_source(cfg.init.source)
@@ -137,7 +137,7 @@ def build_model(cfg: RunConfig, vocab_size: int):
     default = list(cfg.init.components) == list(COMPONENTS)
     report = transfer(src.model, model, components=None if default else cfg.init.components, strict=cfg.init.strict)
     del src
-    return model, report.to_dict(), None
+    return model, report.to_dict()
 
 
 def param_groups(model, stage_of: dict[str, int], weight_decay: float) -> tuple[list[dict], list[int]]:
@@ -179,7 +179,7 @@ class Trainer:
         self.micro, self.gas = cfg.batch_layout(world)
         self.precision = resolve_precision(cfg, device)
 
-        model, self.transfer_report, _ = build_model(cfg, self.train_data.vocab_size)
+        model, self.transfer_report = build_model(cfg, self.train_data.vocab_size)
         self.model_config = model.config
         present = (
             {c for c, v in self.transfer_report["components"].items() if v["tensors"]} if self.transfer_report else set()
