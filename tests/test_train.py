@@ -171,3 +171,23 @@ def test_bad_config_fails_before_any_work(tmp_path, capsys, patch, needle):
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "out").exists(), "a broken config must not half-start a run"
     assert not torch.distributed.is_initialized()
+
+
+def test_flop_budget_ends_at_the_first_step_that_reaches_it(tmp_path, tiny_dataset):
+    from xatl_ds.config import load_run_config
+    from xatl_ds.flops import step_flops
+    from xatl_ds.train import build_model
+
+    cfg_d = dict(
+        name="flops", out_dir=str(tmp_path / "run"), model={"size": "micro", "mixer": "retnet"},
+        data={"path": str(tiny_dataset), "seq_len": 32, "batch_size": 4},
+        eval={"every": 100, "batches": 1}, checkpoint={"every": 100}, deepspeed={"config": "zero0.json"},
+    )  # fmt: skip
+    model, _ = build_model(load_run_config(cfg_d), vocab_size=320)
+    per_step = step_flops(model.config, 4, 32).total
+    cfg_d["budget"] = {"flops": 4.5 * per_step}
+    cfg = write_cfg(tmp_path / "run.yaml", **cfg_d)
+    subprocess.run(_single(cfg), cwd=REPO, env=train_env(), check=True, capture_output=True, timeout=300)
+    r = rows(tmp_path / "run")
+    assert [x["step"] for x in r] == [1, 2, 3, 4, 5]
+    assert r[-1]["flops"] == 5 * per_step and "val_loss" in r[-1]

@@ -8,7 +8,7 @@ from typing import Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
-    from . import data, evaluate, launch, transfer
+    from . import data, evaluate, launch, quickstart, sweep, transfer, tune
 
     parser = argparse.ArgumentParser(prog="xatl-ds", description="Cross-Architecture Transfer Learning on DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -16,6 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_cli(sub)
     launch.add_cli(sub)
     evaluate.add_cli(sub)
+    sweep.add_cli(sub)
+    tune.add_cli(sub)
+    quickstart.add_cli(sub)
     return parser
 
 

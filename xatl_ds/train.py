@@ -398,7 +398,7 @@ class Trainer:
                 if metrics:
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
-                if bar:
+                if bar is not None:
                     bar.update(1)
                     if self.step % cfg.log_every == 0 or events or "val_loss" in row:
                         bar.set_postfix(_postfix(row, self.last_val), refresh=False)
@@ -409,7 +409,7 @@ class Trainer:
         finally:
             if metrics:
                 metrics.close()
-            if bar:
+            if bar is not None:
                 bar.close()
         self.save_checkpoint()
         self.export()

@@ -1,0 +1,680 @@
+"""Optuna studies over LIT settings, unfreeze orders, transferred components and the learning
+rate. Every trial is a real training run through the ``deepspeed`` launcher.
+
+A study YAML::
+
+    study_name: lit_search
+    storage: null            # default sqlite:///<yaml dir>/<study_name>.db; any RDB URL
+                             # (postgresql://user@host/db) or journal:PATH (JournalFileBackend)
+    out_dir: runs/studies/lit_search   # trial k trains in <out_dir>/trials/<k>
+    n_trials: 20             # trials (COMPLETE or PRUNED) the study should reach, all workers together
+    base: {...}              # a run config; init.source may be "@source" (see source:)
+    source: {...}            # optional source run, trained once by the first worker (as in sweeps)
+    search_space:
+      freeze.threshold: {type: float, low: 0.001, high: 0.05, log: true}
+      freeze.patience: {type: int, low: 1, high: 3}
+      freeze.unfreeze_order: {type: categorical, choices: {all: all, staged: "norms > mlp > embed,lm_head"}}
+      init.components: {type: categorical, choices: {paper: [embed, lm_head, ...], no_mlp: [...]}}
+      optim.lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}
+    objective: {metrics: [val_loss]}   # or [val_loss, flops_to_target] with target_loss: 5.0
+    pruner: {type: median, n_startup_trials: 2, n_warmup_steps: 20}  # median | hyperband | none
+    sampler: {type: tpe, seed: 0}
+    heartbeat: {interval: 60, grace_period: 180, max_retry: 2}
+    launch: {num_gpus: 1}
+
+Categorical ``choices`` may be a list of plain values or a mapping name -> value (Optuna
+stores the name; the run config gets the value), which is how unfreeze orders and component
+sets are searched.
+
+The objective is the final validation loss at the base's budget (set ``budget.flops`` for a
+fixed compute budget). ``flops_to_target`` is the cumulative training FLOPs at the first
+evaluation whose val loss is <= ``objective.target_loss`` (``inf`` if never). Multi-objective
+studies cannot prune (Optuna does not support it); single-objective ones report every
+validation loss as it is logged (``trial.report(val_loss, step)``) and stop a pruned trial's
+process group (SIGTERM, SIGKILL after ``stop_grace`` seconds).
+
+Crash safety: RDB storages (sqlite, PostgreSQL, MySQL) get Optuna's heartbeat; a worker that
+dies mid-trial leaves a RUNNING trial whose heartbeat goes stale; the next worker marks it
+FAIL and ``RetryFailedTrialCallback`` queues a retry with the same parameters, which trains in
+the failed trial's directory (so the trainer resumes from its last checkpoint). Optuna 5's
+journal storage has no heartbeat: there each worker records its host and pid on its trials,
+and a starting worker fails (and retries) RUNNING trials whose worker on this host is gone.
+The trial's launcher dies with its worker (``PR_SET_PDEATHSIG`` on Linux).
+
+``best.yaml`` in ``out_dir``: the best trial as a runnable run config. Every trial records
+``run_dir`` (and ``config``) as user attrs, so analysis can join trials with sweep runs.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .launch import LaunchOptions, add_opts_cli, deepspeed_command, train_env
+from .sweep import SOURCE_REF, SweepError, _SOURCE_INHERITS, set_dotted, stop_process_group
+
+OBJECTIVES = ("val_loss", "flops_to_target")
+_STUDY_KEYS = {"study_name", "storage", "out_dir", "n_trials", "base", "source", "search_space", "objective",
+               "pruner", "sampler", "heartbeat", "launch", "trial_command", "stop_grace", "max_failures"}  # fmt: skip
+
+
+class StudyError(ValueError):
+    """A study file is wrong; the message names the field and the fix."""
+
+
+@dataclass
+class StudySpec:
+    """A parsed study file (see the module docstring)."""
+
+    study_name: str
+    storage: str
+    root: Path
+    base: dict
+    search_space: dict[str, dict]
+    metrics: list[str] = field(default_factory=lambda: ["val_loss"])
+    target_loss: float | None = None
+    n_trials: int = 10
+    source: dict | None = None
+    pruner: dict = field(default_factory=lambda: {"type": "median"})
+    sampler: dict = field(default_factory=lambda: {"type": "tpe", "seed": 0})
+    heartbeat: dict = field(default_factory=lambda: {"interval": 60, "grace_period": 180, "max_retry": 2})
+    launch: LaunchOptions = field(default_factory=LaunchOptions)
+    trial_command: list[str] | None = None
+    """Replaces the deepspeed command (placeholders ``{config}``, ``{out_dir}``, ``{trial}``):
+    for custom launchers (srun wrappers) and plumbing tests."""
+    stop_grace: float = 30.0
+    max_failures: int = 3
+    """A worker stops after this many consecutive failed trials."""
+    path: Path | None = None
+
+
+_PARAM_TYPES = ("float", "int", "categorical")
+
+
+def load_study(source: str | Path | dict) -> StudySpec:
+    """Read and check a study file; the base config and every search-space key are validated
+    against the run config (a sample at the low end, high end and every choice)."""
+    path = None
+    if isinstance(source, dict):
+        data = copy.deepcopy(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise StudyError(f"study file {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(data) - _STUDY_KEYS)
+    if unknown:
+        raise StudyError(f"unknown study key(s) {unknown}; valid: {sorted(_STUDY_KEYS)}")
+    name = str(data.get("study_name") or (path.stem if path else "study"))
+    here = path.resolve().parent if path else Path.cwd()
+    storage = data.get("storage") or f"sqlite:///{here / (name + '.db')}"
+    space = data.get("search_space") or {}
+    if not isinstance(space, dict) or not space:
+        raise StudyError("search_space: must map dotted run config keys to {type: float|int|categorical, ...}")
+    for key, spec in space.items():
+        _check_param(key, spec)
+    obj = data.get("objective") or {}
+    metrics = obj.get("metrics", ["val_loss"])
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    bad = [m for m in metrics if m not in OBJECTIVES]
+    if bad or not metrics or len(set(metrics)) != len(metrics):
+        raise StudyError(f"objective.metrics={metrics}: choose distinct ones of {list(OBJECTIVES)}")
+    target = obj.get("target_loss")
+    if "flops_to_target" in metrics and target is None:
+        raise StudyError("objective.metrics has flops_to_target: set objective.target_loss (a val loss to reach)")
+    launch = data.get("launch") or {}
+    lnames = {f.name for f in fields(LaunchOptions)}
+    if set(launch) - lnames:
+        raise StudyError(f"launch: unknown option(s) {sorted(set(launch) - lnames)}; valid: {sorted(lnames)}")
+    pruner = data.get("pruner") or {"type": "none"}
+    sampler = data.get("sampler") or {"type": "tpe", "seed": 0}
+    hb = {"interval": 60, "grace_period": 180, "max_retry": 2, **(data.get("heartbeat") or {})}
+    spec = StudySpec(
+        study_name=name, storage=str(storage), root=Path(data.get("out_dir") or f"runs/studies/{name}"),
+        base=data.get("base") or {}, search_space=space, metrics=metrics, target_loss=target,
+        n_trials=int(data.get("n_trials", 10)), source=data.get("source"), pruner=pruner, sampler=sampler,
+        heartbeat=hb, launch=LaunchOptions(**launch), trial_command=data.get("trial_command"),
+        stop_grace=float(data.get("stop_grace", 30.0)), max_failures=int(data.get("max_failures", 3)), path=path,
+    )  # fmt: skip
+    make_pruner(spec), make_sampler(spec)  # fail now on bad options
+    _validate_space(spec)
+    return spec
+
+
+def _check_param(key: str, spec: Any) -> None:
+    if not isinstance(spec, dict) or spec.get("type") not in _PARAM_TYPES:
+        raise StudyError(f"search_space.{key} needs type: one of {list(_PARAM_TYPES)}")
+    t = spec["type"]
+    if t in ("float", "int"):
+        if "low" not in spec or "high" not in spec or not float(spec["low"]) <= float(spec["high"]):
+            raise StudyError(f"search_space.{key}: a {t} needs low <= high")
+        if spec.get("log") and float(spec["low"]) <= 0:
+            raise StudyError(f"search_space.{key}: log: true needs low > 0")
+    else:
+        ch = spec.get("choices")
+        if not isinstance(ch, (list, dict)) or not ch:
+            raise StudyError(f"search_space.{key}: categorical needs choices: a list or a mapping name -> value")
+        if isinstance(ch, list) and not all(v is None or isinstance(v, (bool, int, float, str)) for v in ch):
+            raise StudyError(f"search_space.{key}: list choices must be plain values; name structured ones "
+                             "with a mapping, e.g. choices: {paper: [embed, mlp]}")  # fmt: skip
+
+
+def _param_values(spec: dict) -> list[Any]:
+    """The values a parameter's checks try: the range ends, or every choice."""
+    t = spec["type"]
+    if t == "float":
+        return [float(spec["low"]), float(spec["high"])]
+    if t == "int":
+        return [int(spec["low"]), int(spec["high"])]
+    ch = spec["choices"]
+    return list(ch.values()) if isinstance(ch, dict) else list(ch)
+
+
+def _validate_space(spec: StudySpec) -> None:
+    from .config import ConfigError, load_run_config
+
+    def check(params: dict, what: str) -> None:
+        try:
+            load_run_config(trial_config(spec, params, 0))
+        except (ConfigError, SweepError) as e:
+            raise StudyError(f"{what}: {e}") from None
+
+    low = {k: _param_values(v)[0] for k, v in spec.search_space.items()}
+    check(low, "the base config with every parameter at its first value")
+    for key, p in spec.search_space.items():
+        for v in _param_values(p)[1:]:
+            check({**low, key: v}, f"search_space.{key}={v!r}")
+
+
+def source_run(spec: StudySpec):
+    """The study's source run (a :class:`xatl_ds.sweep.SweepRun`), or None."""
+    if spec.source is None:
+        return None
+    from .sweep import Sweep, expand
+
+    sw = Sweep(name=spec.study_name, root=spec.root, base=spec.base, axes=[], source=spec.source)
+    sw_base = copy.deepcopy(spec.base)
+    sw.base = {k: sw_base[k] for k in _SOURCE_INHERITS if k in sw_base}
+    return expand(sw)[0]
+
+
+def trial_config(spec: StudySpec, params: dict, number: int) -> dict:
+    """The run config (a dict) of trial ``number`` with sampled ``params`` (already mapped
+    from choice names to values)."""
+    cfg = copy.deepcopy(spec.base)
+    for k, v in params.items():
+        set_dotted(cfg, k, v)
+    if (cfg.get("init") or {}).get("source") == SOURCE_REF:
+        if spec.source is None:
+            raise StudyError(f"base init.source is {SOURCE_REF!r} but the study has no source: section")
+        cfg["init"]["source"] = str(spec.root / "source" / "hf")
+    cfg["name"] = f"{spec.study_name}-t{number}"
+    cfg["out_dir"] = str(spec.root / "trials" / f"{number:04d}")
+    return cfg
+
+
+# -- Optuna objects ------------------------------------------------------------------------
+def make_storage(spec: StudySpec):
+    """sqlite/RDB URL -> RDBStorage with heartbeat and retry; ``journal:PATH`` -> JournalStorage."""
+    import optuna
+    from optuna.storages import RDBStorage
+
+    url = spec.storage
+    if url.startswith("journal:"):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        p = Path(url[len("journal:"):])
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(p)))
+    if "://" not in url:
+        raise StudyError(f"storage={url!r}: give an RDB URL (sqlite:///x.db, postgresql://...) or journal:PATH")
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    url = _pg_driver(url)
+    hb = spec.heartbeat
+    retry, kw = _retry_callback()
+    with warnings.catch_warnings():  # heartbeat and retry are "experimental" in Optuna 5
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RDBStorage(
+            url, heartbeat_interval=int(hb["interval"]), grace_period=int(hb["grace_period"]),
+            **{kw: retry(max_retry=int(hb["max_retry"]))},
+            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else {"connect_args": {"timeout": 60}},
+        )  # fmt: skip
+
+
+def _retry_callback():
+    """Optuna >= 4.9 renamed RetryFailedTrialCallback (and the storage argument)."""
+    import optuna.storages as st
+
+    if hasattr(st, "RetryHeartbeatStaleTrialCallback"):
+        return st.RetryHeartbeatStaleTrialCallback, "heartbeat_stale_trial_callback"
+    return st.RetryFailedTrialCallback, "failed_trial_callback"
+
+
+def _retried_trial_number(frozen) -> int | None:
+    return _retry_callback()[0].retried_trial_number(frozen)
+
+
+def _pg_driver(url: str) -> str:
+    """SQLAlchemy 2.1 maps ``postgresql://`` to psycopg 3; use psycopg2 (the ``postgres``
+    extra) when only that is installed."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            try:
+                import psycopg  # noqa: F401
+            except ImportError:
+                return "postgresql+psycopg2://" + url[len(scheme):]
+    return url
+
+
+def make_pruner(spec: StudySpec):
+    import optuna
+
+    opts = dict(spec.pruner)
+    kind = opts.pop("type", "median")
+    try:
+        if kind == "median":
+            return optuna.pruners.MedianPruner(**opts)
+        if kind == "hyperband":
+            return optuna.pruners.HyperbandPruner(**opts)
+        if kind in ("none", None):
+            return optuna.pruners.NopPruner()
+    except TypeError as e:
+        raise StudyError(f"pruner: {e}") from None
+    raise StudyError(f"pruner.type={kind!r} is unknown; choose median, hyperband or none")
+
+
+def make_sampler(spec: StudySpec):
+    import optuna
+
+    opts = dict(spec.sampler)
+    kind = opts.pop("type", "tpe")
+    try:
+        if kind == "tpe":
+            return optuna.samplers.TPESampler(**opts)
+        if kind == "random":
+            return optuna.samplers.RandomSampler(**opts)
+    except TypeError as e:
+        raise StudyError(f"sampler: {e}") from None
+    raise StudyError(f"sampler.type={kind!r} is unknown; choose tpe or random")
+
+
+def open_study(spec: StudySpec):
+    """Create or load (``load_if_exists``) the study."""
+    import optuna
+
+    directions = ["minimize"] * len(spec.metrics)
+    return optuna.create_study(
+        study_name=spec.study_name, storage=make_storage(spec), sampler=make_sampler(spec),
+        pruner=make_pruner(spec), directions=directions, load_if_exists=True,
+    )  # fmt: skip
+
+
+def suggest(trial, spec: StudySpec) -> dict:
+    """Sample every search-space parameter; returns dotted key -> run config value."""
+    out = {}
+    for key, p in spec.search_space.items():
+        if p["type"] == "float":
+            out[key] = trial.suggest_float(key, float(p["low"]), float(p["high"]), log=bool(p.get("log")))
+        elif p["type"] == "int":
+            out[key] = trial.suggest_int(key, int(p["low"]), int(p["high"]), step=int(p.get("step", 1)),
+                                         log=bool(p.get("log")))  # fmt: skip
+        else:
+            ch = p["choices"]
+            name = trial.suggest_categorical(key, list(ch) if isinstance(ch, dict) else ch)
+            out[key] = ch[name] if isinstance(ch, dict) else name
+    return out
+
+
+def params_to_values(spec: StudySpec, params: dict) -> dict:
+    """Optuna's stored params (choice names) -> run config values."""
+    out = {}
+    for key, v in params.items():
+        ch = spec.search_space.get(key, {}).get("choices")
+        out[key] = ch[v] if isinstance(ch, dict) else v
+    return out
+
+
+# -- one trial -----------------------------------------------------------------------------
+class TrialFailed(RuntimeError):
+    """The trial's training process failed (the trial is recorded FAIL, the worker goes on)."""
+
+
+class _Surplus(RuntimeError):
+    """Another worker already took the study's last trial."""
+
+
+_EFFECTIVE = ("COMPLETE", "PRUNED", "RUNNING")
+
+
+def _count(study, before: int | None = None) -> int:
+    """Trials that count towards n_trials (finished or running, not FAIL, not WAITING),
+    optionally only those numbered < ``before``."""
+    return sum(t.state.name in _EFFECTIVE and (before is None or t.number < before)
+               for t in study.get_trials(deepcopy=False))  # fmt: skip
+
+
+def _prctl():
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _child_setup(prctl) -> Any:
+    """A pre-exec hook: a new session (its own process group) that gets SIGTERM when the
+    worker dies. ``prctl`` is resolved in the parent: the forked child only calls it."""
+
+    def setup() -> None:
+        os.setsid()
+        if prctl is not None:
+            prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+    return setup
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Worker:
+    """Runs trials of one study until it has ``n_trials`` COMPLETE/PRUNED/RUNNING trials."""
+
+    def __init__(self, spec: StudySpec, opts: LaunchOptions | None = None, worker_id: str | None = None,
+                 poll: float = 0.5, log=None):  # fmt: skip
+        self.spec = spec
+        d = asdict(spec.launch)
+        for k, v in asdict(opts or LaunchOptions()).items():
+            if v not in (None, []):
+                d[k] = v
+        self.opts = LaunchOptions(**d)
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.poll = poll
+        self.log = log or sys.stdout
+        self.proc: subprocess.Popen | None = None
+        self._prctl = _prctl() if sys.platform.startswith("linux") else None
+        self._finished: list = []
+
+    def say(self, msg: str) -> None:
+        print(f"[tune {self.worker_id}] {msg}", file=self.log, flush=True)
+
+    # the command of a trial
+    def command(self, config_path: Path, out_dir: Path, number: int) -> list[str]:
+        if self.spec.trial_command:
+            return [str(x).format(config=config_path, out_dir=out_dir, trial=number, python=sys.executable)
+                    for x in self.spec.trial_command]  # fmt: skip
+        opts = LaunchOptions(**asdict(self.opts))
+        if not opts.master_port and not opts.hostfile:
+            opts.master_port = _free_port()  # several workers on one node
+        return deepspeed_command(config_path, opts)
+
+    def launch(self, cmd: list[str], log_path: Path) -> subprocess.Popen:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a") as log:
+            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=train_env(),
+                                    preexec_fn=_child_setup(self._prctl))  # fmt: skip
+
+    def ensure_source(self, study) -> None:
+        """Train the study's source run once (a file lock keeps concurrent workers to one)."""
+        src = source_run(self.spec)
+        if src is None:
+            return
+        import fcntl
+
+        out = self.spec.root / "source"
+        src.config["out_dir"] = str(out)
+        self.spec.root.mkdir(parents=True, exist_ok=True)
+        with open(self.spec.root / "source.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if (out / "DONE").is_file():
+                return
+            cfg_path = self.spec.root / "source.yaml"
+            cfg_path.write_text(yaml.safe_dump(src.config, sort_keys=False))
+            self.say(f"training the source run in {out}")
+            proc = self.launch(self.command(cfg_path, out, -1), self.spec.root / "source.log")
+            if proc.wait() != 0 or not (out / "DONE").is_file():
+                raise StudyError(f"the source run failed (exit code {proc.returncode}); see {self.spec.root / 'source.log'}")
+
+    def objective(self, trial):
+        import optuna
+
+        spec = self.spec
+        trial.set_user_attr("worker", self.worker_id)
+        # a retry trains in its original trial's directory: the trainer resumes from its checkpoint
+        # (Optuna 5's Trial has no system_attrs: read the stored trial)
+        first = _retried_trial_number(trial.study._storage.get_trial(trial._trial_id))
+        if first is None and _count(trial.study, before=trial.number) >= spec.n_trials:
+            trial.set_user_attr("surplus", True)  # two workers raced for the last trial
+            raise _Surplus()
+        params = suggest(trial, spec)
+        number = trial.number if first is None else first
+        cfg = trial_config(spec, params, number)
+        out = Path(cfg["out_dir"])
+        out.mkdir(parents=True, exist_ok=True)
+        cfg_path = out.parent / f"{out.name}.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        trial.set_user_attr("run_dir", str(out))
+        trial.set_user_attr("config", str(cfg_path))
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        self.say(f"trial {trial.number}: {params} -> {out}")
+        proc = self.proc = self.launch(self.command(cfg_path, out, trial.number), out.parent / f"{out.name}.log")
+        metrics = out / "metrics.jsonl"
+        pos, buf, reported = 0, "", set()
+        multi = len(spec.metrics) > 1
+        try:
+            while True:
+                rc = proc.poll()
+                if metrics.is_file():
+                    with open(metrics) as f:
+                        if pos > os.path.getsize(metrics):  # truncated by a resume: start over
+                            pos, buf = 0, ""
+                        f.seek(pos)
+                        buf += f.read()
+                        pos = f.tell()
+                    *lines, buf = buf.split("\n")
+                    for line in lines:
+                        row = _row(line)
+                        if row is None or row.get("val_loss") is None or multi or row["step"] in reported:
+                            continue
+                        reported.add(row["step"])
+                        trial.report(float(row["val_loss"]), int(row["step"]))
+                        if trial.should_prune():
+                            self.say(f"trial {trial.number}: pruned at step {row['step']} (val loss {row['val_loss']:.4f})")
+                            stop_process_group(proc, grace=spec.stop_grace)
+                            raise optuna.TrialPruned(f"val_loss {row['val_loss']} at step {row['step']}")
+                if rc is not None:
+                    break
+                time.sleep(self.poll)
+        finally:
+            if proc.poll() is None:  # an exception in the worker: do not leave the run behind
+                stop_process_group(proc, grace=spec.stop_grace)
+            self.proc = None
+        if rc != 0 or not (out / "DONE").is_file():
+            raise TrialFailed(f"trial {trial.number}: the run exited with code {rc}; see {out.parent / (out.name + '.log')}")
+        values = objective_values(out, spec)
+        self.say(f"trial {trial.number}: {dict(zip(spec.metrics, values))}")
+        return values if multi else values[0]
+
+    def fail_dead_local_trials(self, study) -> None:
+        """Journal storage (no heartbeat): fail and retry RUNNING trials whose worker on this
+        host is gone."""
+        import optuna
+        from optuna.storages import RDBStorage
+
+        if isinstance(study._storage, RDBStorage):
+            return
+        host = socket.gethostname()
+        retry = _retry_callback()[0](max_retry=int(self.spec.heartbeat["max_retry"]))
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            pid = t.user_attrs.get("pid")
+            if t.user_attrs.get("host") != host or pid is None or _alive(pid):
+                continue
+            try:
+                study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+            self.say(f"trial {t.number}: its worker (pid {pid}) is gone; marked FAIL")
+            retry(study, study._storage.get_trial(t._trial_id))
+
+    def run(self, n_trials: int | None = None) -> int:
+        """Work until the study has ``n_trials`` (default: the file's) trials; returns the
+        number of trials this worker finished."""
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        with warnings.catch_warnings():  # heartbeat, retry and fail_stale_trials are "experimental"
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return self._run(n_trials)
+
+    def _run(self, n_trials: int | None) -> int:
+        import optuna
+
+        study = open_study(self.spec)
+        if n_trials is not None:
+            self.spec.n_trials = n_trials
+        self.ensure_source(study)
+        done, failures = 0, 0
+        heartbeat = isinstance(study._storage, optuna.storages.RDBStorage) and study._storage.get_heartbeat_interval()
+        while True:
+            self.fail_dead_local_trials(study)
+            optuna.storages.fail_stale_trials(study)  # queues retries of trials whose worker died
+            trials = study.get_trials(deepcopy=False)
+            retries = any(t.state.name == "WAITING" and "failed_trial" in t.system_attrs for t in trials)
+            if _count(study) >= self.spec.n_trials and not retries:
+                if heartbeat and any(t.state.name == "RUNNING" for t in trials):
+                    time.sleep(heartbeat)  # wait: a running trial may yet go stale and be retried
+                    continue
+                break
+            self._finished.clear()
+            study.optimize(self.objective, n_trials=1, catch=(TrialFailed, _Surplus), gc_after_trial=False,
+                           callbacks=[lambda _s, t: self._finished.append(t)])  # fmt: skip
+            for t in self._finished:
+                if t.user_attrs.get("surplus"):
+                    continue
+                if t.state.name == "FAIL":
+                    failures += 1
+                    if failures >= self.spec.max_failures:
+                        self.say(f"{failures} trials failed in a row; stopping this worker")
+                        return done
+                else:
+                    failures, done = 0, done + 1
+        write_best(study, self.spec)
+        return done
+
+
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+
+
+def _row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and "step" in row else None
+
+
+def objective_values(run_dir: Path, spec: StudySpec) -> list[float]:
+    """The objective values of a finished run (from its metrics.jsonl)."""
+    rows = [r for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if (r := _row(line))]
+    evals = [r for r in rows if r.get("val_loss") is not None]
+    if not evals:
+        raise TrialFailed(f"{run_dir}: no validation loss was logged")
+    out = []
+    for m in spec.metrics:
+        if m == "val_loss":
+            out.append(float(evals[-1]["val_loss"]))
+        else:
+            hit = [r for r in evals if r["val_loss"] <= spec.target_loss]
+            out.append(float(hit[0]["flops"]) if hit else math.inf)
+    return out
+
+
+def write_best(study, spec: StudySpec) -> Path | None:
+    """Write the best trial (lowest val loss; for multi-objective studies the Pareto trial with
+    the lowest val loss) as a runnable run config ``<out_dir>/best.yaml``."""
+    import optuna
+
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    if not done:
+        return None
+    best = min(study.best_trials if len(spec.metrics) > 1 else [study.best_trial], key=lambda t: t.values[0])
+    cfg = trial_config(spec, params_to_values(spec, best.params), best.number)
+    cfg["name"] = f"{spec.study_name}-best"
+    cfg["out_dir"] = str(spec.root / "best")
+    path = spec.root / "best.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = (f"# best trial {best.number} of study {spec.study_name}: {dict(zip(spec.metrics, best.values))}\n"
+            f"# params: {json.dumps(best.params)}\n")  # fmt: skip
+    path.write_text(head + yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+# -- CLI -----------------------------------------------------------------------------------
+def add_cli(subparsers) -> argparse.ArgumentParser:
+    """Register ``xatl-ds tune``."""
+    p = subparsers.add_parser("tune", help="run an Optuna study (one worker; start several for parallel trials)",
+                              description="Optuna study over LIT settings: each trial trains through deepspeed.")  # fmt: skip
+    p.add_argument("file", help="study YAML")
+    p.add_argument("--storage", help="override the storage: an RDB URL or journal:PATH")
+    p.add_argument("--n-trials", type=int, help="trials the study should reach, all workers together (0: write best.yaml)")
+    p.add_argument("--worker-id", help="name of this worker in logs and trial attrs (default host-pid)")
+    add_opts_cli(p)
+    p.set_defaults(func=_cli)
+    return p
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from .launch import opts_from_args
+
+    try:
+        spec = load_study(args.file)
+        if args.storage:
+            spec.storage = args.storage
+        worker = Worker(spec, opts_from_args(args), worker_id=args.worker_id)
+        worker.run(args.n_trials)
+    except StudyError as e:
+        print(f"xatl-ds tune: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # the running trial is FAIL and its process group stopped
+        print("[tune] interrupted; rerun the same command to continue the study", file=sys.stderr)
+        return 130
+    best = spec.root / "best.yaml"
+    print(f"[tune] study {spec.study_name}: best config {best if best.is_file() else '(none yet)'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m xatl_ds.tune FILE ...`` (the same as ``xatl-ds tune``)."""
+    parser = argparse.ArgumentParser(prog="xatl-ds")
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["tune", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
