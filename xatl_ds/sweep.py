@@ -445,7 +445,7 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 20.0, first: int =
 
 
 def run_sweep(sweep: Sweep, opts: LaunchOptions | None = None, *, max_parallel: int = 1, dry_run: bool = False,
-              out: TextIO | None = None, poll: float = 0.5) -> int:  # fmt: skip
+              out: TextIO | None = None, poll: float = 0.5, progress_every: float = 20.0) -> int:  # fmt: skip
     """Launch every unfinished run (the source first); returns 0 if all are done, 130 if
     interrupted (Ctrl-C), 1 if a run failed. ``out``: progress lines (default stdout)."""
     out = out or sys.stdout
@@ -474,6 +474,7 @@ def run_sweep(sweep: Sweep, opts: LaunchOptions | None = None, *, max_parallel: 
     active: dict[int, tuple[SweepRun, subprocess.Popen, Any]] = {}
     failed: list[str] = []
     interrupted = False
+    next_report = time.monotonic() + progress_every
 
     def launch(r: SweepRun, slot: int) -> None:
         cmd = deepspeed_command(r.config_path, slot_options(opts, slot, max_parallel, n_dev))
@@ -528,6 +529,12 @@ def run_sweep(sweep: Sweep, opts: LaunchOptions | None = None, *, max_parallel: 
                 rc = proc.poll()
                 if rc is not None:
                     reap(slot, rc)
+            if active and time.monotonic() >= next_report:  # runs log to files: show progress here
+                next_report = time.monotonic() + progress_every
+                for r, _, _ in active.values():
+                    steps, val = run_progress(r.out_dir)
+                    print(f"[sweep] {r.name}: step {steps}" + (f", val loss {val:.3f}" if val is not None else ""),
+                          file=out, flush=True)  # fmt: skip
             if active:
                 time.sleep(poll)
     finally:
