@@ -1,0 +1,271 @@
+"""Prepared check for a CUDA machine: kernel parity and bf16 throughput / MFU per mixer.
+
+    python benchmarks/gpu_check.py --out DIR [--peak-tflops 989] [--batch 8] [--seq 2048]
+
+1. Parity. For every mixer with CUDA kernels (mamba: mamba-ssm selective scan +
+   causal-conv1d; mamba2: mamba-ssm's SSD Triton kernels + causal-conv1d), one model with
+   ``kernels="torch"`` and one with ``kernels="cuda"`` share the same weights; logits, every
+   parameter gradient, and cached generation (prefill then single-token steps) are compared
+   in fp32 and bf16. Error = ||a - b|| / ||b|| (norm-relative; gradients per tensor, the
+   worst reported).
+2. Throughput. A pythia-160m-size model (12 layers, d_model 768, 12 heads, vocab 50304) per
+   mixer, bf16 weights, forward + backward, timed interleaved; MFU = analytic FLOPs
+   (``xatl_ds.flops.step_flops``) per second / ``--peak-tflops`` (H100 SXM bf16 dense: 989).
+
+Writes ``DIR/gpu_check.md`` and ``DIR/gpu_check.json`` and prints the markdown. Without CUDA
+it prints why and exits 0 having done nothing; without mamba-ssm it checks and times the
+torch paths only and says so. Exit code 1 when a parity check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parent.parent
+if str(_REPO) not in sys.path:  # run as a plain script: make xatl_ds and benchmarks importable
+    sys.path.insert(0, str(_REPO))
+
+import torch  # noqa: E402
+
+from benchmarks import interleaved, machine_info, md_table, median  # noqa: E402
+
+KERNEL_MIXERS = ("mamba", "mamba2")
+#: name -> (mixer, attention_layers)
+THROUGHPUT_MODELS = {
+    "attention": ("attention", None),
+    "retnet": ("retnet", None),
+    "mamba": ("mamba", None),
+    "mamba2": ("mamba2", None),
+    "hybrid (mamba, paper)": ("mamba", "paper"),
+}
+#: norm-relative error bounds, (logits, gradients, generation logits)
+#: (a wrong kernel call gives errors of order 1; TF32 inside Triton dots stays below the fp32 ones)
+TOLERANCES = {"fp32": (5e-3, 2e-2, 5e-3), "bf16": (5e-2, 1e-1, 5e-2)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PYTHIA_160M = dict(layers=12, d_model=768, heads=12, vocab=50304)
+
+
+def kernel_status() -> dict:
+    """Which optional CUDA packages import (and their versions)."""
+    from xatl_ds.models.kernels import _try_import
+
+    out = {}
+    for mod in ("mamba_ssm", "causal_conv1d", "triton"):
+        m = _try_import(mod) if torch.cuda.is_available() else None
+        out[mod] = getattr(m, "__version__", "present") if m is not None else None
+    return out
+
+
+def make_config(mixer: str, *, layers: int, d_model: int, heads: int, vocab: int, attention_layers=None,
+                kernels: str = "auto", seq: int = 2048):  # fmt: skip
+    from xatl_ds.models import XatlConfig
+
+    return XatlConfig(
+        family="neox", vocab_size=vocab, hidden_size=d_model, num_hidden_layers=layers, num_attention_heads=heads,
+        mixer=mixer, attention_layers=attention_layers, kernels=kernels, max_position_embeddings=max(2048, seq),
+    )  # fmt: skip
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in fp64 (0 when both are zero)."""
+    a, b = a.detach().double(), b.detach().double()
+    den = b.norm().item()
+    num = (a - b).norm().item()
+    return num / den if den > 0 else num
+
+
+def _fwd_bwd(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), grads
+
+
+@torch.no_grad()
+def _generate_logits(model, ids, new_tokens: int) -> torch.Tensor:
+    """Prefill ``ids`` with a cache, then ``new_tokens`` greedy single-token steps fed with
+    the *reference's* tokens (the caller passes them) -> stacked last-position logits."""
+    from xatl_ds.models import XatlCache
+
+    cache = XatlCache(model.config.num_hidden_layers)
+    prompt, cont = ids[:, :-new_tokens], ids[:, -new_tokens:]
+    outs = [model(input_ids=prompt, cache=cache, use_cache=True).logits[:, -1]]
+    for t in range(new_tokens):
+        outs.append(model(input_ids=cont[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1])
+    return torch.stack(outs, 1)
+
+
+def parity(mixer: str, dtype: str, device: str = "cuda", kernels_b: str = "cuda", *, layers: int = 2,
+           d_model: int = 256, heads: int = 4, vocab: int = 1024, batch: int = 2, seq: int = 256,
+           new_tokens: int = 4, seed: int = 0) -> dict:  # fmt: skip
+    """Compare ``kernels="torch"`` with ``kernels=kernels_b`` on the same weights: logits,
+    gradients and cached generation. Returns the errors, the tolerances and ``ok``."""
+    from xatl_ds.models import XatlForCausalLM
+
+    shape = dict(layers=layers, d_model=d_model, heads=heads, vocab=vocab, seq=seq)
+    torch.manual_seed(seed)
+    ref = XatlForCausalLM(make_config(mixer, kernels="torch", **shape))
+    fast = XatlForCausalLM(make_config(mixer, kernels=kernels_b, **shape))
+    fast.load_state_dict(ref.state_dict())
+    dt = DTYPES[dtype]
+    ref, fast = ref.to(device=device, dtype=dt).train(), fast.to(device=device, dtype=dt).train()
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(device)
+    lr, gr = _fwd_bwd(ref, ids)
+    lf, gf = _fwd_bwd(fast, ids)
+    if set(gr) != set(gf):
+        raise AssertionError(f"{mixer}: gradient sets differ: {sorted(set(gr) ^ set(gf))}")
+    grad_errs = {n: rel_err(gf[n], gr[n]) for n in gr}
+    worst = max(grad_errs, key=grad_errs.get)
+    ref.eval(), fast.eval()
+    gen_err = rel_err(_generate_logits(fast, ids, new_tokens), _generate_logits(ref, ids, new_tokens))
+    tol = TOLERANCES[dtype]
+    res = {
+        "mixer": mixer, "dtype": dtype, "kernels": kernels_b, "logits_err": rel_err(lf, lr),
+        "grad_err_max": grad_errs[worst], "grad_err_worst_param": worst, "gen_err": gen_err, "tolerances": tol,
+    }  # fmt: skip
+    res["ok"] = res["logits_err"] <= tol[0] and res["grad_err_max"] <= tol[1] and gen_err <= tol[2]
+    return res
+
+
+def _cuda_timed(fn, device: str):
+    def run() -> float:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    return run
+
+
+def throughput(models: dict | None = None, *, device: str = "cuda", dtype: str = "bf16", batch: int = 8,
+               seq: int = 2048, peak_flops: float = 989e12, repeats: int = 5, warmup: int = 2,
+               layers: int = 12, d_model: int = 768, heads: int = 12, vocab: int = 50304,
+               kernels: str = "auto", seed: int = 0) -> list[dict]:  # fmt: skip
+    """Interleaved fwd+bwd tokens/s and MFU per model (``{name: (mixer, attention_layers)}``).
+    A model that does not fit is reported with ``error`` instead of numbers."""
+    from xatl_ds.flops import step_flops
+    from xatl_ds.models import XatlForCausalLM
+
+    models = models or THROUGHPUT_MODELS
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(device)
+    built, rows, errors = {}, [], {}
+    for name, (mixer, att) in models.items():
+        try:
+            torch.manual_seed(seed)
+            cfg = make_config(mixer, layers=layers, d_model=d_model, heads=heads, vocab=vocab, attention_layers=att,
+                              kernels=kernels, seq=seq)  # fmt: skip
+            m = XatlForCausalLM(cfg).to(device=device, dtype=DTYPES[dtype]).train()
+
+            def step(m=m):
+                m(input_ids=ids, labels=ids).loss.backward()
+                m.zero_grad(set_to_none=True)
+
+            step()  # fails early (OOM, missing kernel) before the interleaved rounds
+            built[name] = (m, _cuda_timed(step, device))
+        except Exception as e:  # report and go on with the other mixers
+            errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    if built:
+        samples = interleaved({k: v[1] for k, v in built.items()}, repeats=repeats, warmup=max(0, warmup - 1))
+        ref = samples.get("attention")
+        for name, ts in samples.items():
+            m = built[name][0]
+            s = median(ts)
+            fl = step_flops(m.config, batch, seq).total
+            rows.append({
+                "name": name, "tokens_per_s": batch * seq / s, "step_s": s, "step_flops": fl,
+                "tflops_per_s": fl / s / 1e12, "mfu": fl / s / peak_flops,
+                "ratio_vs_attention": (median(ref) / s) if ref else None,
+            })  # fmt: skip
+    rows += [{"name": k, "error": v} for k, v in errors.items()]
+    return rows
+
+
+def render(info: dict, par: list[dict], thr: list[dict], args: argparse.Namespace) -> str:
+    lines = [
+        "# GPU check", "",
+        f"{info.get('gpu')}, torch {info['torch']} (CUDA {info.get('cuda')}), transformers {info['transformers']}, "
+        f"xatl_ds {info['xatl_ds']}, {info['date']}.", "",
+        "Kernels: " + ", ".join(f"{k} {v or 'MISSING'}" for k, v in info["kernels"].items()) + ".",
+    ]  # fmt: skip
+    if not info["kernels"]["mamba_ssm"]:
+        lines += ["", "**mamba-ssm is not installed: no kernel parity was checked and the throughput rows are the "
+                      "torch paths.** Install with `pip install --no-build-isolation 'xatl-ds[cuda]'`."]  # fmt: skip
+    lines += ["", "## Parity: kernels='torch' vs kernels='cuda', same weights", ""]
+    if par:
+        lines.append(md_table(
+            ["mixer", "dtype", "kernels", "logits err", "worst grad err (param)", "generation err", "tolerances", "ok"],
+            [[p["mixer"], p["dtype"], p["kernels"], f"{p['logits_err']:.2e}", f"{p['grad_err_max']:.2e} ({p['grad_err_worst_param']})",
+              f"{p['gen_err']:.2e}", "/".join(f"{t:g}" for t in p["tolerances"]), "yes" if p["ok"] else "**NO**"]
+             if "error" not in p else [p["mixer"], p["dtype"], "", "error", p["error"], "", "", "**NO**"] for p in par],
+        ))  # fmt: skip
+        lines += ["", "Errors are ||cuda - torch|| / ||torch||; gradients per tensor, the worst shown."]
+    else:
+        lines.append("Not checked (mamba-ssm missing).")
+    lines += ["", f"## Throughput: pythia-160m size (12 layers, d 768, vocab 50304), {args.dtype}, "
+                  f"batch {args.batch} x seq {args.seq}, fwd+bwd, {args.repeats} interleaved repeats", ""]  # fmt: skip
+    lines.append(md_table(
+        ["model", "tokens/s", "vs attention", "TFLOP/s (analytic)", f"MFU (peak {args.peak_tflops:g} TFLOP/s)"],
+        [[r["name"], f"{r['tokens_per_s']:,.0f}", f"{r['ratio_vs_attention']:.2f}x" if r["ratio_vs_attention"] else "-",
+          f"{r['tflops_per_s']:.1f}", f"{r['mfu']:.1%}"] if "error" not in r else [r["name"], r["error"], "", "", ""]
+         for r in thr],
+    ))  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="directory for gpu_check.md / gpu_check.json")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100 SXM: 989)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="throughput precision")
+    p.add_argument("--skip-throughput", action="store_true")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_check: CUDA is not available on this machine (torch.cuda.is_available() is False); nothing "
+              "was checked. Run it on a CUDA machine: python benchmarks/gpu_check.py --out DIR", file=sys.stderr)  # fmt: skip
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    info = machine_info()
+    info.update(gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda, kernels=kernel_status())
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity means fp32
+    torch.backends.cudnn.allow_tf32 = False
+    par: list[dict] = []
+    if info["kernels"]["mamba_ssm"]:
+        # kernels="cuda" insists on every kernel; without causal-conv1d, "auto" still runs mamba-ssm's
+        mode = "cuda" if info["kernels"]["causal_conv1d"] else "auto"
+        for mixer in KERNEL_MIXERS:
+            for dt in ("fp32", "bf16"):
+                try:
+                    par.append(parity(mixer, dt, kernels_b=mode))
+                except Exception as e:
+                    traceback.print_exc()
+                    par.append({"mixer": mixer, "dtype": dt, "ok": False, "error": f"{type(e).__name__}: {e}"[:300]})
+                print(f"parity {mixer} {dt}: {par[-1]}", flush=True)
+    else:
+        print("gpu_check: mamba-ssm is not installed: timing the torch paths only", file=sys.stderr)
+    thr = []
+    if not args.skip_throughput:
+        thr = throughput(batch=args.batch, seq=args.seq, peak_flops=args.peak_tflops * 1e12, repeats=args.repeats,
+                         dtype=args.dtype)  # fmt: skip
+    md = render(info, par, thr, args)
+    (out / "gpu_check.md").write_text(md)
+    (out / "gpu_check.json").write_text(json.dumps({"info": info, "parity": par, "throughput": thr}, indent=1, default=str))
+    print(md)
+    return 0 if all(p["ok"] for p in par) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
