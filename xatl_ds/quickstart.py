@@ -45,9 +45,8 @@ def run(sweep_file: Path = DEFAULT_SWEEP, eval_limit: int | None = None) -> int:
 
     _say("3/4 evaluating every run on the local held-out tasks (lm-eval)")
     for r in runs:
-        res = evaluate_run(r.out_dir, data_dir=data_dir, limit=eval_limit)
-        scores = ", ".join(f"{t} acc {v.get('acc', {}).get('value', float('nan')):.3f}"
-                           for t, v in res.get("results", {}).items())  # fmt: skip
+        res = evaluate_run(r.out_dir, data_dir=data_dir, limit=eval_limit, batch_size=8)
+        scores = ", ".join(f"{t} acc {v['metrics']['acc']['value']:.3f}" for t, v in res["tasks"].items())
         _say(f"    {r.name}: {scores}")
 
     _say("4/4 writing the report")
@@ -58,23 +57,26 @@ def run(sweep_file: Path = DEFAULT_SWEEP, eval_limit: int | None = None) -> int:
     return 0
 
 
+def _arch(row: dict) -> str:
+    att = row.get("attention_layers", "none")
+    return row["mixer"] + ("" if att in ("", "none") else f"+attn[{att}]")
+
+
 def summary_lines(report_dir: Path) -> list[str]:
-    """Three lines: savings per mixer, benchmark deltas, and where the details are."""
+    """Three lines: savings per architecture, benchmark deltas, and where the details are."""
     out = []
     s = report_dir / "savings_summary.csv"
     if s.is_file():
-        rows = list(csv.DictReader(s.open()))
         parts = []
-        for r in rows:
-            arch = r.get("arch") or r.get("mixer") or "?"
-            ratio = r.get("flops_ratio_mean") or r.get("flops_ratio") or ""
-            parts.append(f"{arch} {float(ratio):.2f}x" if ratio not in ("", "nan") else f"{arch} not reached")
-        out.append("savings (scratch FLOPs / XATL FLOPs to the scratch run's final val loss): " + "; ".join(parts))
+        for r in csv.DictReader(s.open()):
+            v = r.get("savings_flops_mean", "")
+            bound = ">=" if r.get("any_lower_bound") == "True" else ""
+            parts.append(f"{_arch(r)} {bound}{float(v):.2f}x" if v not in ("", "nan") else f"{_arch(r)} not reached")
+        out.append("FLOP savings (scratch / XATL, to the scratch run's final val loss): " + "; ".join(parts))
     d = report_dir / "benchmark_deltas.csv"
     if d.is_file():
-        rows = list(csv.DictReader(d.open()))
-        out.append("benchmark deltas (XATL - scratch): " + "; ".join(
-            f"{r.get('arch', r.get('mixer', '?'))} {r.get('task')} {float(r.get('delta', 'nan')):+.3f}" for r in rows))  # fmt: skip
+        parts = [f"{_arch(r)} {r['task']} {float(r['delta']):+.3f}" for r in csv.DictReader(d.open()) if r["metric"] == "acc"]
+        out.append("accuracy deltas (XATL - scratch, local tasks): " + "; ".join(parts))
     out.append(f"details: {report_dir / 'report.md'}")
     return out
 
