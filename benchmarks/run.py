@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 from . import REPO, load_average, machine_info, md_table, set_threads

@@ -26,7 +26,6 @@ import shutil
 import socket
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
