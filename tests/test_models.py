@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from xatl_ds import XatlConfig, XatlForCausalLM
+from xatl_ds import XatlCache, XatlConfig, XatlForCausalLM
 from xatl_ds.models import resolve_attention_layers
 from xatl_ds.models.components import COMPONENTS, NEW, component_of, components_of
 
@@ -36,6 +36,10 @@ def test_forward_backward_every_param_gets_grad(mixer, family):
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_save_load_round_trip_bit_exact(mixer, tmp_path):
     m = tiny(mixer, attention_layers="paper").eval()
+    with torch.no_grad():  # values no init produces (norm weights, A_log, D, ...): a re-init on load would show
+        g = torch.Generator().manual_seed(1)
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
     m.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
     assert AutoConfig.from_pretrained(tmp_path).model_type == "xatl"
@@ -91,13 +95,21 @@ def test_attention_layer_spec_errors():
         XatlConfig(family="gpt2")
 
 
-@pytest.mark.parametrize("mixer", MIXERS)
-def test_cached_generation_equals_recompute(mixer):
-    m = tiny(mixer, attention_layers=[1] if mixer != "attention" else None).eval()
+@pytest.mark.parametrize(
+    "mixer, attention_layers",
+    [("attention", None)] + [(m, a) for m in MIXERS[1:] for a in (None, [1])],
+)
+def test_cached_generation_equals_recompute(mixer, attention_layers):
+    m = tiny(mixer, attention_layers=attention_layers).eval()
     x = torch.randint(0, 97, (2, 7))
     a = m.generate(x, max_new_tokens=8, do_sample=False, use_cache=True, output_logits=True, return_dict_in_generate=True)
     b = m.generate(x, max_new_tokens=8, do_sample=False, use_cache=False, output_logits=True, return_dict_in_generate=True)
     assert torch.equal(a.sequences, b.sequences)
+    assert len(set(a.sequences[0, 7:].tolist())) > 1, "a constant continuation would prove little"
+    cache = XatlCache(m.config.num_hidden_layers)
+    with torch.no_grad():
+        m(x, cache=cache)
+    assert all(cache.layers) and cache.memory_bytes() > 0 and cache.seen_tokens == 7
     diff = max((p - q).abs().max().item() for p, q in zip(a.logits, b.logits))
     assert diff < 1e-4, diff
 
