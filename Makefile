@@ -9,7 +9,14 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test quickstart bench clean
+# CPU emulation of the CUDA-kernel call sites (benchmarks/kernel_emulation.py): triton for its
+# interpreter, and mamba-ssm / causal-conv1d as Python sources only (their CUDA extensions
+# cannot be built here; --no-deps keeps their GPU-only requirements out).
+EMU_STAMP := $(VENV)/.kernel-emulation
+EMU_PINS := triton==3.8.0 einops==0.8.2
+EMU_SOURCES := mamba-ssm==2.3.2.post1 causal-conv1d==1.7.0
+
+.PHONY: venv emulation-deps test quickstart bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +26,15 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
-test: $(STAMP)
+$(EMU_STAMP): $(STAMP) Makefile
+	$(PY) -m pip install -q -c constraints.txt $(EMU_PINS) setuptools wheel packaging
+	MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE \
+	CAUSAL_CONV1D_FORCE_BUILD=TRUE $(PY) -m pip install -q --no-build-isolation --no-deps $(EMU_SOURCES)
+	touch $(EMU_STAMP)
+
+emulation-deps: $(EMU_STAMP)
+
+test: $(STAMP) $(EMU_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 quickstart: $(STAMP)

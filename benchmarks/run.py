@@ -193,9 +193,10 @@ def render(res: dict) -> str:
               ]  # fmt: skip
     L += ["", "## 4. GPU", "",
           "Not run here (no GPU). On a CUDA machine: `python benchmarks/gpu_check.py --out DIR` checks the torch "
-          "paths against the mamba-ssm / causal-conv1d kernels (fp32 and bf16; logits, gradients, cached "
-          "generation) and times a pythia-160m-size model per mixer at bf16 (tokens/s, MFU against "
-          "`--peak-tflops`, default 989 = H100 SXM dense bf16)."]  # fmt: skip
+          "paths against the mamba-ssm / causal-conv1d kernels (fp32 and bf16; logits, mixer outputs, gradients, "
+          "cached generation) and times a pythia-160m-size model per mixer at bf16 (tokens/s, MFU against "
+          "`--peak-tflops`, default 989 = H100 SXM dense bf16). `--emulate` runs the parity part on a CPU "
+          "(benchmarks/kernel_emulation.py). Recorded runs, emulated and real: benchmarks/GPU_CHECK.md."]  # fmt: skip
     return "\n".join(L) + "\n"
 
 

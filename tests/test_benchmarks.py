@@ -158,7 +158,7 @@ def test_gpu_check_harness_on_cpu():
 
     p = gpu_check.parity("mamba", "fp32", device="cpu", kernels_b="torch", layers=1, d_model=32, heads=4, vocab=64,
                          batch=1, seq=12, new_tokens=2)  # fmt: skip
-    assert p["ok"] and p["logits_err"] == 0.0 and p["grad_err_max"] == 0.0 and p["gen_err"] == 0.0
+    assert p["ok"] and p["logits_err"] == p["mixer_err"] == p["grad_err_max"] == p["gen_err"] == 0.0
     rows = gpu_check.throughput({"attention": ("attention", None), "mamba2": ("mamba2", None),
                                  "broken": ("mamba", [99])}, device="cpu", dtype="fp32", batch=1, seq=16,
                                 peak_flops=1e11, repeats=1, warmup=1, layers=2, d_model=64, heads=4, vocab=64)  # fmt: skip
@@ -168,7 +168,7 @@ def test_gpu_check_harness_on_cpu():
     assert "attention_layers" in by["broken"]["error"]  # reported, not raised
 
     class A:
-        batch, seq, repeats, dtype, peak_tflops = 1, 16, 1, "fp32", 100.0
+        batch, seq, repeats, dtype, peak_tflops, skip_throughput, emulate = 1, 16, 1, "fp32", 100.0, False, False
 
     info = {"gpu": "G", "torch": "t", "cuda": "c", "transformers": "tf", "xatl_ds": "x", "date": "d",
             "kernels": {"mamba_ssm": None, "causal_conv1d": None, "triton": None}}  # fmt: skip
@@ -177,7 +177,7 @@ def test_gpu_check_harness_on_cpu():
     info["kernels"]["mamba_ssm"] = "2.2"
     bad = {"mixer": "mamba2", "dtype": "bf16", "ok": False, "error": "ImportError: x"}
     md = gpu_check.render(info, [p, bad], rows, A)
-    assert "not installed" not in md and "| mamba | fp32 | torch | 0.00e+00 |" in md and "| mamba2 | bf16 |  | error" in md
+    assert "not installed" not in md and "| mamba | fp32 | torch | 0.00e+00 | 0.00e+00 |" in md and "| mamba2 | bf16 |  | error" in md
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA exit")
