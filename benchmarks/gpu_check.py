@@ -3,11 +3,11 @@
     python benchmarks/gpu_check.py --out DIR [--peak-tflops 989] [--batch 8] [--seq 2048]
 
 1. Parity. For every mixer with CUDA kernels (mamba: mamba-ssm selective scan +
-   causal-conv1d; mamba2: mamba-ssm's SSD Triton kernels + causal-conv1d), one model with
-   ``kernels="torch"`` and one with ``kernels="cuda"`` share the same weights; logits, every
-   parameter gradient, and cached generation (prefill then single-token steps) are compared
-   in fp32 and bf16. Error = ||a - b|| / ||b|| (norm-relative; gradients per tensor, the
-   worst reported).
+   causal-conv1d; mamba2: mamba-ssm's SSD Triton kernels + causal-conv1d, 2 B/C groups),
+   one model with ``kernels="torch"`` and one with ``kernels="cuda"`` share the same
+   full-scale random weights; logits, every mixer's output, every parameter gradient, and
+   cached generation (a two-piece prefill, then single-token steps) are compared in fp32
+   and bf16. Error = ||a - b|| / ||b|| (norm-relative; per tensor, the worst reported).
 2. Throughput. A pythia-160m-size model (12 layers, d_model 768, 12 heads, vocab 50304) per
    mixer, bf16 weights, forward + backward, timed interleaved; MFU = analytic FLOPs
    (``xatl_ds.flops.step_flops``) per second / ``--peak-tflops`` (H100 SXM bf16 dense: 989).
@@ -65,10 +65,13 @@ def kernel_status() -> dict:
     return out
 
 
+#: parity on a CUDA machine: parity()'s default shape, two B/C groups for Mamba-2
+PARITY_SHAPE = dict(config=dict(mamba2_ngroups=2))
 #: the emulated parity shape: small enough for Triton's interpreter (~45 s), several SSD
-#: chunks (72 tokens, chunk 16: a partial last chunk), 4 Mamba-2 heads, conv channels % 8 == 0
+#: chunks (72 tokens, chunk 16: a partial last chunk), 4 Mamba-2 heads in 2 groups, conv
+#: channels % 8 == 0
 EMULATION_SHAPE = dict(layers=2, d_model=64, heads=4, vocab=256, batch=2, seq=72, new_tokens=4,
-                       config=dict(chunk_size=16, mamba2_headdim=32))  # fmt: skip
+                       config=dict(chunk_size=16, mamba2_headdim=32, mamba2_ngroups=2))  # fmt: skip
 #: dtypes checked per mixer. Emulated, no bf16 for the SSD Triton kernels: the interpreter
 #: does not run them faithfully in bf16 (mamba-ssm's own kernel against its own reference
 #: came out at relative error 2e9 in bf16, 1e-7 in fp32).
@@ -313,7 +316,7 @@ def main(argv=None) -> int:
     p.add_argument("--emulate", action="store_true",
                    help="parity only, on this CPU, with the kernels emulated (benchmarks/kernel_emulation.py)")  # fmt: skip
     args = p.parse_args(argv)
-    device, shape = "cuda", {}
+    device, shape = "cuda", PARITY_SHAPE
     if args.emulate:
         from benchmarks import kernel_emulation
 

@@ -100,7 +100,7 @@ def check_causal_conv1d(x, weight, bias=None, seq_idx=None, initial_states=None,
     floats = (torch.float32, torch.float16, torch.bfloat16)
     _req(activation in (None, "silu", "swish"), fn, f"activation {activation!r} unsupported")
     _req(x.dim() == 3 and x.dtype in floats, fn, f"x must be float (batch, dim, seqlen), got {x.dtype} {tuple(x.shape)}")
-    b, d, l = x.shape
+    d = x.shape[1]
     _req(weight.dim() == 2 and weight.shape[0] == d and weight.dtype in floats, fn,
          f"weight must be (dim={d}, width), got {weight.dtype} {tuple(weight.shape)}")  # fmt: skip
     _req(2 <= weight.shape[1] <= 4, fn, f"width {weight.shape[1]} not in 2..4")

@@ -28,5 +28,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(args.func(args) or 0)
 
 
+def subcommand_main(command: str, argv: Sequence[str] | None = None) -> int:
+    """``python -m xatl_ds.<module> ARGS``: the same as ``xatl-ds <command> ARGS``."""
+    return main([command, *(sys.argv[1:] if argv is None else argv)])
+
+
 if __name__ == "__main__":
     sys.exit(main())

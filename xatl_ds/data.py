@@ -1074,12 +1074,9 @@ def _cli_info(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m xatl_ds.data prepare ...`` (the same as ``xatl-ds data prepare ...``)."""
-    parser = argparse.ArgumentParser(prog="xatl-ds")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_cli(sub)
-    args = parser.parse_args(["data", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.func(args) or 0)
+    from .cli import subcommand_main
 
+    return subcommand_main("data", argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -619,11 +619,9 @@ def _cli_status(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m xatl_ds.sweep run|status FILE`` (the same as ``xatl-ds sweep``)."""
-    parser = argparse.ArgumentParser(prog="xatl-ds")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["sweep", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.func(args) or 0)
+    from .cli import subcommand_main
 
+    return subcommand_main("sweep", argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -670,11 +670,9 @@ def _cli(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m xatl_ds.tune FILE ...`` (the same as ``xatl-ds tune``)."""
-    parser = argparse.ArgumentParser(prog="xatl-ds")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["tune", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.func(args) or 0)
+    from .cli import subcommand_main
 
+    return subcommand_main("tune", argv)
 
 if __name__ == "__main__":
     sys.exit(main())
