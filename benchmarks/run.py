@@ -4,8 +4,8 @@
     python -m benchmarks.run --quick --out X  # tiny shapes: a smoke test of the suite, seconds
 
 Sections: training throughput + MFU per mixer (with transformers' Mamba fallback on a shorter
-run), the trainer under the deepspeed launcher vs a plain loop, cached generation vs context
-length. Every figure of merit is a ratio of variants timed interleaved (see
+run), the trainer under the deepspeed launcher vs a plain loop, RetNet's parallel vs chunkwise
+training form per length, cached generation vs context length. Every figure of merit is a ratio of variants timed interleaved (see
 ``benchmarks/__init__.py``); absolute numbers depend on the machine and its load. The CUDA
 check is a separate script: ``python benchmarks/gpu_check.py --out DIR``.
 """
@@ -25,6 +25,7 @@ BUSY_LOAD = 2.5
 TARGETS = {"mamba": 0.5, "mamba2": 0.7, "retnet": 0.7}
 HF_TARGET = 80.0
 TRAINER_TARGET = 1.10
+SECTIONS = ("throughput", "hf", "trainer", "retnet", "generation")
 
 
 def run_suite(args: argparse.Namespace) -> dict:
@@ -60,6 +61,12 @@ def run_suite(args: argparse.Namespace) -> dict:
             args.work, steps=args.trainer_steps, skip=args.trainer_skip, rounds=args.trainer_rounds,
             threads=args.threads, size="micro" if args.quick else "small", batch=shape.batch, seq=shape.seq,
             vocab=shape.vocab if not args.quick else 512))  # fmt: skip
+    if "retnet" in sections:
+        from .retnet_forms import retnet_forms
+
+        lengths = (32, 64, 128) if args.quick else (128, 256, 512, 1024, 2048)
+        timed_section("retnet", lambda: retnet_forms(lengths, tokens=256 if args.quick else 4096,
+                                                     d_model=shape.d_model, heads=shape.heads, repeats=args.repeats))  # fmt: skip
     if "generation" in sections:
         from .generation import generation_bench
 
@@ -191,7 +198,17 @@ def render(res: dict) -> str:
                        [[m, f"{g['ratios_at_max'][m]:.2f}x", f"{g['cache_ratios_at_max'][m]:.0f}x"]
                         for m in models if m != "attention"]),
               ]  # fmt: skip
-    L += ["", "## 4. GPU", "",
+    if "retnet" in res:
+        from .retnet_forms import render as render_retnet
+
+        r = res["retnet"]
+        L += ["", "## 4. RetNet training: parallel vs chunkwise form", "",
+              f"One RetNet mixer (d_model {r['d_model']}, {r['heads']} heads), fwd+bwd, {r['tokens']} tokens a step "
+              f"(batch = {r['tokens']} / length), chunks of {r['chunk']}, both forms interleaved. **Reference: the "
+              "parallel form** (ratio > 1: parallel faster). Training runs the parallel form up to "
+              f"`RetNetMixer.parallel_max_len` = {r['parallel_max_len']} tokens, chunkwise beyond.", "",
+              render_retnet(r)]  # fmt: skip
+    L += ["", "## 5. GPU", "",
           "Not run here (no GPU). On a CUDA machine: `python benchmarks/gpu_check.py --out DIR` checks the torch "
           "paths against the mamba-ssm / causal-conv1d kernels (fp32 and bf16; logits, mixer outputs, gradients, "
           "cached generation) and times a pythia-160m-size model per mixer at bf16 (tokens/s, MFU against "
@@ -215,6 +232,9 @@ def console_table(res: dict) -> str:
         r = res["trainer"]
         lines.append(f"trainer {r['trainer_step_s']:.3f} s/step vs plain {r['plain_step_s']:.3f}: "
                      f"{r['ratio_trainer_vs_plain']:.3f}x")  # fmt: skip
+    if "retnet" in res:
+        for r in res["retnet"]["rows"]:
+            lines.append(f"retnet L {r['length']:>5}  chunkwise / parallel time {r['ratio']:.2f}")
     if "generation" in res:
         g = res["generation"]
         for r in g["rows"]:
@@ -230,7 +250,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "RESULTS.md"), help="markdown report path")
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--work", default=os.path.join(REPO, "runs", "bench"), help="scratch dir (data, trainer runs)")
-    p.add_argument("--sections", default="throughput,hf,trainer,generation")
+    p.add_argument("--sections", default="throughput,hf,trainer,retnet,generation")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--gen-threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
@@ -249,9 +269,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          contexts="16,64", new_tokens=3).items():  # fmt: skip
             if getattr(args, k) == p.get_default(k):
                 setattr(args, k, v)
-    unknown = set(args.sections.split(",")) - {"throughput", "hf", "trainer", "generation"}
+    unknown = set(args.sections.split(",")) - set(SECTIONS)
     if unknown:
-        p.error(f"--sections: unknown {sorted(unknown)}; choose from throughput,hf,trainer,generation")
+        p.error(f"--sections: unknown {sorted(unknown)}; choose from {','.join(SECTIONS)}")
     return args
 
 

@@ -143,13 +143,15 @@ def test_run_suite_quick_in_process(tmp_path):
     from benchmarks.run import main
 
     out = tmp_path / "R.md"
-    assert main(["--quick", "--sections", "throughput,generation", "--out", str(out), "--json", str(tmp_path / "r.json"),
-                 "--contexts", "8,16", "--gen-threads", "2"]) == 0  # fmt: skip
+    assert main(["--quick", "--sections", "throughput,retnet,generation", "--out", str(out), "--json",
+                 str(tmp_path / "r.json"), "--contexts", "8,16", "--gen-threads", "2"]) == 0  # fmt: skip
     md = out.read_text()
     assert "## 1. Training throughput" in md and "## 3. Cached greedy generation" in md and "| mamba |" in md
-    assert "Quick mode" in md
+    assert "## 4. RetNet training: parallel vs chunkwise form" in md and "Quick mode" in md
     res = json.loads((tmp_path / "r.json").read_text())
     assert {r["name"] for r in res["throughput"]["rows"]} >= {"attention", "mamba"}
+    assert [r["length"] for r in res["retnet"]["rows"]] == [32, 64, 128]
+    assert all(r["parallel_s"] > 0 and r["chunkwise_s"] > 0 for r in res["retnet"]["rows"])
     assert torch.get_num_threads() == 2  # the generation section's thread count was restored
 
 

@@ -210,7 +210,7 @@ def _retnet_parallel_max_len() -> int:
 
         return int(RetNetMixer.parallel_max_len)
     except Exception:
-        return 512
+        return 128
 
 
 def _mixer_linear_comp(kind: str, proj: str) -> str:

@@ -297,8 +297,11 @@ class RetNetMixer(Mixer):
     """
 
     out_proj_name = "o_proj"
-    #: longest training sequence run in the parallel form (its memory is O(L^2) per head)
-    parallel_max_len: int = 512
+    #: longest training sequence run in the parallel form (O(L^2) time and memory per head).
+    #: Measured on CPU (benchmarks/retnet_forms.py, d 256, 8 heads, 4096 tokens a step): the
+    #: chunkwise form takes 0.67-0.93x the parallel form's time at 256 tokens (runs and chunks
+    #: of 32-128 vary), about 0.5x at 512 and 0.25x at 1024; at 128 it is 2-17% slower.
+    parallel_max_len: int = 128
 
     def __init__(self, config: XatlConfig, layer_idx: int):
         super().__init__()
