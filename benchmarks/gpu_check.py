@@ -355,13 +355,17 @@ def main(argv=None) -> int:
                 print(f"parity {mixer} {dt}: {par[-1]}", flush=True)
     else:
         print("gpu_check: mamba-ssm is not installed: timing the torch paths only", file=sys.stderr)
-    thr = []
+    def write(thr: list[dict]) -> str:
+        md = render(info, par, thr, args)
+        (out / "gpu_check.md").write_text(md)
+        (out / "gpu_check.json").write_text(json.dumps({"info": info, "parity": par, "throughput": thr}, indent=1,
+                                                       default=str))  # fmt: skip
+        return md
+
+    md = write([])  # the parity results survive a throughput run cut short
     if not args.skip_throughput:
-        thr = throughput(batch=args.batch, seq=args.seq, peak_flops=args.peak_tflops * 1e12, repeats=args.repeats,
-                         dtype=args.dtype)  # fmt: skip
-    md = render(info, par, thr, args)
-    (out / "gpu_check.md").write_text(md)
-    (out / "gpu_check.json").write_text(json.dumps({"info": info, "parity": par, "throughput": thr}, indent=1, default=str))
+        md = write(throughput(batch=args.batch, seq=args.seq, peak_flops=args.peak_tflops * 1e12,
+                              repeats=args.repeats, dtype=args.dtype))  # fmt: skip
     print(md)
     return 0 if all(p["ok"] for p in par) else 1
 

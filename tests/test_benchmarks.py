@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -189,3 +190,40 @@ def test_gpu_check_script_without_cuda(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "CUDA is not available" in r.stderr
     assert not (tmp_path / "g").exists()  # nothing measured, nothing written
+
+
+def _fake_sdist(folder, name: str, files: list[str]) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(folder / f"{name}.tar.gz", "w:gz") as tar:
+        for f in files:
+            data = b"// source\n"
+            info = tarfile.TarInfo(f"{name}/{f}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_build_kernels_plan(tmp_path):
+    """The device-side kernel build finds every source of both packages (the layouts of
+    mamba-ssm 2.3 / causal-conv1d 1.7) and writes the PYTHONPATH it needs; bad input is named."""
+    from benchmarks import build_kernels as bk
+
+    sd = tmp_path / "sdists"
+    sd.mkdir()
+    scan = ["csrc/selective_scan/selective_scan.cpp"] + [
+        f"csrc/selective_scan/selective_scan_{d}_{t}.cu" for d in ("fwd", "bwd") for t in ("fp32", "bf16")
+    ]
+    _fake_sdist(sd, "mamba_ssm-2.3.2", scan + ["csrc/selective_scan/selective_scan.h", "mamba_ssm/__init__.py"])
+    assert bk.main(["--sdists", str(sd), "--build", str(tmp_path / "b"), "--arch", "9.0", "--dry-run"]) == 2  # conv missing
+    _fake_sdist(sd, "causal_conv1d-1.7.0", ["csrc/causal_conv1d.cpp", "csrc/causal_conv1d_fwd.cu", "setup.py"])
+    items = {it["name"]: it for it in bk.plan(sd, tmp_path / "b", "9.0")}
+    assert [os.path.basename(s) for s in items["selective_scan_cuda"]["sources"]] == sorted(os.path.basename(s) for s in scan)
+    assert [os.path.basename(s) for s in items["causal_conv1d_cuda"]["sources"]] == ["causal_conv1d.cpp", "causal_conv1d_fwd.cu"]
+    assert items["selective_scan_cuda"]["include"][0].endswith("csrc/selective_scan")
+    assert bk.main(["--sdists", str(sd), "--build", str(tmp_path / "b"), "--arch", "9.0", "--dry-run"]) == 0
+    env = (tmp_path / "b" / "env.sh").read_text()
+    assert "ext/selective_scan_cuda" in env and "mamba_ssm-2.3.2" in env and "causal_conv1d-1.7.0" in env
+    _fake_sdist(sd, "causal_conv1d-1.6.0", ["csrc/causal_conv1d.cpp"])  # two versions: ambiguous
+    with pytest.raises(bk.BuildError, match="expected one causal_conv1d"):
+        bk.plan(sd, tmp_path / "c", "9.0")
