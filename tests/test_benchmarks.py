@@ -181,6 +181,9 @@ def test_gpu_check_harness_on_cpu():
     bad = {"mixer": "mamba2", "dtype": "bf16", "ok": False, "error": "ImportError: x"}
     md = gpu_check.render(info, [p, bad], rows, A)
     assert "not installed" not in md and "| mamba | fp32 | torch | 0.00e+00 | 0.00e+00 |" in md and "| mamba2 | bf16 |  | error" in md
+    info["kernels"]["selective_scan_cuda"] = None  # gpu_check stubbed a missing extension
+    md = gpu_check.render(info, [p], rows, A)
+    assert "selective_scan_cuda was not built" in md and "selective_scan_cuda MISSING" in md
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA exit")
