@@ -67,9 +67,9 @@ def stub_missing_selective_scan() -> bool:
         import selective_scan_cuda  # noqa: F401
         return False
     except ImportError:
-        from benchmarks.kernel_emulation import _missing_extension
+        from benchmarks.kernel_emulation import missing_extension
 
-        sys.modules["selective_scan_cuda"] = _missing_extension("selective_scan_cuda")
+        sys.modules["selective_scan_cuda"] = missing_extension("selective_scan_cuda")
         return True
 
 

@@ -124,7 +124,9 @@ def _checked(check, ref):
     return fn
 
 
-def _missing_extension(name: str) -> types.ModuleType:
+def missing_extension(name: str) -> types.ModuleType:
+    """A stand-in module for a CUDA extension that was not built: importing it works, using
+    any of its functions raises a RuntimeError naming it."""
     mod = types.ModuleType(name)
 
     def __getattr__(attr):
@@ -161,7 +163,7 @@ def activate() -> dict[str, str]:
     if torch.cuda.is_available():
         raise RuntimeError("kernel emulation is for machines without CUDA; run benchmarks/gpu_check.py for real")
     for ext in ("selective_scan_cuda", "causal_conv1d_cuda"):
-        sys.modules.setdefault(ext, _missing_extension(ext))
+        sys.modules.setdefault(ext, missing_extension(ext))
 
     # The Triton wrappers pin the current device and size grids by SM count.
     real_device, real_props = torch.cuda.device, torch.cuda.get_device_properties

@@ -6,6 +6,7 @@ everything before any work starts and names the offending field in its error.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -354,16 +355,22 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     return value
 
 
+def read_yaml_source(source: str | Path | dict, what: str, error: type[Exception] = ConfigError):
+    """A config given as a dict or as a YAML file (``yaml.safe_load``) -> ``(data, path)``;
+    ``path`` is None for a dict. A missing file raises ``error`` naming ``what``. The data
+    is the caller's own (a dict is deep-copied)."""
+    if isinstance(source, dict):
+        return copy.deepcopy(source), None
+    path = Path(source)
+    if not path.is_file():
+        raise error(f"{what} {str(path)!r} does not exist")
+    return yaml.safe_load(path.read_text()) or {}, path
+
+
 def load_run_config(source: str | Path | dict, overrides: list[str] | None = None) -> RunConfig:
     """Read (``yaml.safe_load``), apply ``a.b=value`` overrides, build and validate."""
-    if isinstance(source, dict):
-        data = source
-    else:
-        p = Path(source)
-        if not p.is_file():
-            raise ConfigError(f"run config {str(p)!r} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
-    data = json.loads(json.dumps(data))  # deep copy, plain types
+    data, _ = read_yaml_source(source, "run config")
+    data = json.loads(json.dumps(data))  # plain types
     for ov in overrides or []:
         apply_override(data, ov)
     return from_dict(RunConfig, data).validate()

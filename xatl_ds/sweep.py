@@ -110,14 +110,9 @@ class Sweep:
 # -- parsing -------------------------------------------------------------------------------
 def load_sweep(source: str | Path | dict) -> Sweep:
     """Read and check a sweep file (or dict): structure only; :func:`expand` validates runs."""
-    path = None
-    if isinstance(source, dict):
-        data = copy.deepcopy(source)
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise SweepError(f"sweep file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+    from .config import read_yaml_source
+
+    data, path = read_yaml_source(source, "sweep file", SweepError)
     if not isinstance(data, dict):
         raise SweepError("a sweep file must be a mapping with base: and axes:")
     unknown = sorted(set(data) - _SWEEP_KEYS)

@@ -108,14 +108,9 @@ _PARAM_TYPES = ("float", "int", "categorical")
 def load_study(source: str | Path | dict) -> StudySpec:
     """Read and check a study file; the base config and every search-space key are validated
     against the run config (a sample at the low end, high end and every choice)."""
-    path = None
-    if isinstance(source, dict):
-        data = copy.deepcopy(source)
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise StudyError(f"study file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+    from .config import read_yaml_source
+
+    data, path = read_yaml_source(source, "study file", StudyError)
     unknown = sorted(set(data) - _STUDY_KEYS)
     if unknown:
         raise StudyError(f"unknown study key(s) {unknown}; valid: {sorted(_STUDY_KEYS)}")
