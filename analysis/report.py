@@ -17,10 +17,16 @@ import pandas as pd
 import yaml
 
 from .figures import plot_benchmark_deltas, plot_loss_vs_flops, plot_savings_curves, plot_savings_vs_size
-from .results import find_runs, load_run, results_table
+from .results import load_runs, results_table
 from .savings import aggregate_savings, benchmark_deltas, pair_runs, savings_curve, savings_table
 
-__all__ = ["write_report", "missing_items", "md_table"]
+__all__ = ["write_report", "missing_items", "md_table", "arch_label"]
+
+
+def arch_label(row: Mapping) -> str:
+    """``mamba`` or ``mamba+attn[1,3]``: the mixer and the layers that keep attention."""
+    att = str(row.get("attention_layers", "none"))
+    return str(row.get("mixer")) + ("" if att in ("", "none", "nan", "None") else f"+attn[{att}]")
 
 
 def md_table(df: pd.DataFrame, cols: list[str] | None = None, floatfmt: str = "{:.4g}") -> str:
@@ -108,7 +114,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *,
     out = Path(out_dir) if out_dir is not None else sweep_dir
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
-    records = [load_run(d) for d in find_runs(sweep_dir)]
+    records, skipped = load_runs(sweep_dir)
     df = results_table(sweep_dir, records)
     curves = {}
     events = {}
@@ -126,9 +132,11 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *,
     scurves, scurve_rows = {}, []
     for _, p in sav.iterrows():
         c = savings_curve(curves[p["scratch_run"]], curves[p["xatl_run"]], ema=ema)
-        name = f"{p['size']} {p['mixer']} s{p['seed']} ({p['freeze_policy']})"
-        if name in scurves:
-            name = f"{name} {p['xatl_run']}"
+        name = f"{p['size']} {arch_label(p)} s{p['seed']} ({p['freeze_policy']})"
+        k = 2
+        while name in scurves:  # variants that differ in columns not in the label
+            name = f"{p['size']} {arch_label(p)} s{p['seed']} ({p['freeze_policy']}) #{k}"
+            k += 1
         scurves[name] = c
         scurve_rows.append(c.assign(xatl_run=p["xatl_run"], scratch_run=p["scratch_run"]))
     (pd.concat(scurve_rows) if scurve_rows else pd.DataFrame()).to_csv(out / "savings_curves.csv", index=False)
@@ -192,7 +200,9 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *,
     labels = {"not_started": "Runs not started", "not_done": "Runs not finished", "eval_missing": "Evaluations missing",
               "no_baseline": "XATL runs without a scratch baseline",
               "unpaired_scratch": "Scratch runs without an XATL partner"}  # fmt: skip
-    if not any(miss.values()):
+    if skipped:
+        md += [f"**Unreadable runs, left out** ({len(skipped)}):", ""] + [f"- {d}: {why}" for d, why in skipped] + [""]
+    if not any(miss.values()) and not skipped:
         md.append("Nothing: every run is done, evaluated and paired.")
     for k, items in miss.items():
         if items:

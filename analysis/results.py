@@ -1,8 +1,12 @@
 """Collect a sweep's runs into one pandas table (finished and partial runs alike).
 
-A run directory is any folder under the sweep root holding ``meta.json``, ``metrics.jsonl`` or
-``config.yaml`` (what the trainer writes); ``hf/`` and ``checkpoints/`` are not searched.
-State: ``done`` (a DONE file), ``partial`` (metrics but no DONE), ``pending`` (config only).
+Run directories are found and read through :class:`xatl_ds.rundir.RunDir` (the trainer's
+on-disk contract). State: ``done``, ``running``, ``partial`` (metrics but no DONE),
+``pending`` (config only). A run whose files cannot be read is skipped and listed with the
+reason (:func:`load_runs`), never a reason to fail the whole table.
+
+What the planner knew is read, not guessed: a sweep's ``sweep.json`` gives each run its
+planned size and the scratch run it is compared with (columns ``size`` and ``baseline_run``).
 """
 from __future__ import annotations
 
@@ -16,11 +20,13 @@ import numpy as np
 import pandas as pd
 import yaml
 
-__all__ = ["RunRecord", "find_runs", "load_run", "results_table", "size_label", "EVAL_PREFIX"]
+from xatl_ds.rundir import RunDir, iter_run_dirs
+
+__all__ = ["RunRecord", "find_runs", "load_run", "load_runs", "plan_records", "results_table", "size_label",
+           "EVAL_PREFIX"]  # fmt: skip
 
 EVAL_PREFIX = "eval/"
-_SKIP_DIRS = {"hf", "hf.tmp", "checkpoints", "figures", "tasks", "__pycache__"}
-_MARKERS = ("meta.json", "metrics.jsonl", "config.yaml")
+_SKIP_DIRS = ("figures", "tasks", "__pycache__", "logs", "configs")
 
 
 @dataclass
@@ -69,39 +75,55 @@ def find_runs(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"sweep directory {root} does not exist")
-    found = []
-    stack = [root]
-    while stack:
-        d = stack.pop()
-        if any((d / m).is_file() for m in _MARKERS):
-            found.append(d)
-            continue  # a run's subfolders are its own (hf/, checkpoints/)
-        stack.extend(p for p in d.iterdir() if p.is_dir() and p.name not in _SKIP_DIRS and not p.name.startswith("."))
-    return sorted(found)
-
-
-def _read_metrics(path: Path) -> pd.DataFrame:
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line of a killed run
-    return pd.DataFrame(rows)
+    return [rd.path for rd in iter_run_dirs(root, skip=_SKIP_DIRS)]
 
 
 def load_run(run_dir: str | Path) -> RunRecord:
-    """Read meta.json, config.yaml, metrics.jsonl and eval.json of one run (any may be missing)."""
-    d = Path(run_dir)
-    meta = json.loads((d / "meta.json").read_text()) if (d / "meta.json").is_file() else {}
-    config = meta.get("config") or {}
-    if not config and (d / "config.yaml").is_file():
-        config = yaml.safe_load((d / "config.yaml").read_text()) or {}
-    metrics = _read_metrics(d / "metrics.jsonl")
-    ev = json.loads((d / "eval.json").read_text()) if (d / "eval.json").is_file() else {}
-    state = "done" if (d / "DONE").is_file() else ("partial" if not metrics.empty else "pending")
-    return RunRecord(d, state, config, meta, metrics, ev)
+    """Read meta.json, config.yaml, metrics.jsonl and eval.json of one run (any may be
+    missing); a corrupt one raises ValueError naming the file."""
+    rd = RunDir(run_dir)
+    meta = rd.meta()
+    try:
+        config = rd.read_config()
+    except yaml.YAMLError as e:
+        raise ValueError(f"{rd.config} is not valid YAML ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{rd.config} is not a run config mapping")
+    metrics = pd.DataFrame(rd.read_metrics())
+    state = rd.state()
+    return RunRecord(rd.path, state, config, meta, metrics, rd.eval())
+
+
+def load_runs(root: str | Path) -> tuple[list[RunRecord], list[tuple[Path, str]]]:
+    """Every readable run under ``root``, and the unreadable ones with the reason."""
+    records, skipped = [], []
+    for d in find_runs(root):
+        try:
+            records.append(load_run(d))
+        except (ValueError, OSError) as e:
+            skipped.append((d, str(e)))
+    return records, skipped
+
+
+def plan_records(root: str | Path) -> dict[str, dict]:
+    """Resolved out_dir -> the planner's record of that run, from every ``sweep.json`` at or
+    below ``root`` (the baseline is given as the baseline's out_dir)."""
+    root = Path(root)
+    out: dict[str, dict] = {}
+    for index in sorted(root.rglob("sweep.json")):
+        try:
+            runs = json.loads(index.read_text()).get("runs", [])
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue
+        by_key = {r.get("key"): r for r in runs if isinstance(r, dict)}
+        for r in by_key.values():
+            if not r.get("out_dir"):
+                continue
+            rec = dict(r)
+            base = by_key.get(r.get("baseline"))
+            rec["baseline_dir"] = str(Path(base["out_dir"]).resolve()) if base and base.get("out_dir") else None
+            out[str(Path(r["out_dir"]).resolve())] = rec
+    return out
 
 
 def _sizes() -> dict:
@@ -224,12 +246,19 @@ def _row(rec: RunRecord, root: Path) -> dict:
 
 def results_table(root: str | Path, records: list[RunRecord] | None = None) -> pd.DataFrame:
     """One row per run directory under ``root`` (see the module docstring for the columns'
-    sources); ``source_flops`` is filled when an XATL run's source is another run's ``hf/``."""
+    sources); ``source_flops`` is filled when an XATL run's source is another run's ``hf/``;
+    ``baseline_run`` is the planner's pairing (None for runs no planner recorded)."""
     root = Path(root)
-    records = records if records is not None else [load_run(d) for d in find_runs(root)]
+    records = records if records is not None else load_runs(root)[0]
     df = pd.DataFrame([_row(r, root) for r in records])
     if df.empty:
         return df
+    plans = plan_records(root)
+    by_dir = {str(r.run_dir.resolve()): run for r, run in zip(records, df["run"])}
+    planned = [plans.get(str(r.run_dir.resolve())) for r in records]
+    df["baseline_run"] = [by_dir.get(p.get("baseline_dir")) if p else None for p in planned]
+    df["planned"] = [p is not None for p in planned]
+    df["size"] = [p["size"] if p and p.get("size") else s for p, s in zip(planned, df["size"])]
     # sources trained in the sweep: a source path that is some run's hf export
     by_hf = {}
     for r in records:

@@ -1,7 +1,11 @@
 """Compute-matched savings of XATL runs over their scratch baselines.
 
-Definition (per pairing of an XATL run with the scratch run of the same size, mixer,
-attention layers and seed): the FLOPs the scratch run needs to reach its own final validation
+Pairing. A sweep records which scratch run each XATL run is compared with (``baseline_run``,
+from ``sweep.json``); that pairing is used as it is. Runs no planner recorded (hand-made
+folders) pair with the one scratch run of the same :data:`PAIR_KEYS`; two candidates are an
+ambiguity, reported, never resolved by a guess.
+
+Definition (per pairing of an XATL run with its scratch run): the FLOPs the scratch run needs to reach its own final validation
 loss, divided by the FLOPs the XATL run needs to reach that same loss. Tokens and wall time
 likewise.
 
@@ -35,6 +39,8 @@ __all__ = [
 
 #: a pairing's key: XATL run and scratch run agree on these
 PAIR_KEYS = ("size", "mixer", "attention_layers", "seed")
+#: what unrecorded runs must share to be paired (a partial XATL run's family is not known yet)
+_FALLBACK_KEYS = PAIR_KEYS
 #: columns that tell XATL variants of one key apart (several may share one scratch run)
 VARIANT_KEYS = ("components", "freeze_policy", "unfreeze_order", "lit_threshold", "lit_patience", "lit_window",
                 "rewarmup_steps", "source")  # fmt: skip
@@ -122,25 +128,29 @@ def _key(row: Mapping, keys=PAIR_KEYS) -> tuple:
 
 
 def pair_runs(df: pd.DataFrame) -> tuple[list[tuple[int, int]], list[int], list[int]]:
-    """Pair every XATL row with the scratch row of the same :data:`PAIR_KEYS`.
+    """Pair every XATL row with its scratch row (see the module docstring).
 
     Returns (pairs as (xatl_index, scratch_index), unpaired XATL indices, unpaired scratch
-    indices). Several XATL variants may share one scratch run; with several scratch runs of
-    one key, the one that trained longest (most FLOPs) is used.
+    indices). Several XATL variants may share one scratch run.
     """
     if df.empty:
         return [], [], []
-    scratch: dict[tuple, int] = {}
+    by_run = {r: i for i, r in zip(df.index, df["run"])}
+    candidates: dict[tuple, list[int]] = {}
     for i, r in df[df["init_kind"] == "scratch"].iterrows():
-        k = _key(r)
-        if k not in scratch or (df.at[i, "flops"] or 0) > (df.at[scratch[k], "flops"] or 0):
-            scratch[k] = i
+        if not bool(r.get("planned", False)):
+            candidates.setdefault(_key(r, _FALLBACK_KEYS), []).append(i)
     pairs, lonely = [], []
     for i, r in df[df["init_kind"] == "xatl"].iterrows():
-        j = scratch.get(_key(r))
+        if bool(r.get("planned", False)):
+            j = by_run.get(r.get("baseline_run"))
+        else:
+            found = candidates.get(_key(r, _FALLBACK_KEYS), [])
+            j = found[0] if len(found) == 1 else None
         (pairs.append((i, j)) if j is not None else lonely.append(i))
     used = {j for _, j in pairs}
-    unpaired_scratch = [j for j in scratch.values() if j not in used]
+    scratch_rows = df.index[df["init_kind"] == "scratch"]
+    unpaired_scratch = [j for j in scratch_rows if j not in used and df.at[j, "mixer"] != "attention"]
     return pairs, lonely, unpaired_scratch
 
 

@@ -2,7 +2,6 @@
 partial synthetic sweep (fake run directories written here)."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -226,12 +225,9 @@ def test_report_on_a_partial_sweep(tmp_path):
     cfgs.mkdir()
     (cfgs / "scratch_s2.yaml").write_text(yaml.safe_dump({"name": "scratch_s2", "out_dir": str(sweep / "scratch_s2")}))
 
-    from xatl_ds.evaluate import add_cli
+    from xatl_ds.cli import main
 
-    ap = argparse.ArgumentParser()
-    add_cli(ap.add_subparsers(dest="cmd"))
-    args = ap.parse_args(["report", str(sweep), "--expect", str(cfgs / "*.yaml"), "--source-flops", "1e10"])
-    assert args.func(args) == 0
+    assert main(["report", str(sweep), "--expect", str(cfgs / "*.yaml"), "--source-flops", "1e10"]) == 0
 
     md = (sweep / "report.md").read_text()
     assert "Runs not started" in md and "scratch_s2" in md

@@ -17,7 +17,7 @@ import yaml
 
 from conftest import REPO, train_env
 from xatl_ds.config import load_run_config
-from xatl_ds.launch import LaunchOptions, deepspeed_command
+from xatl_ds.executor import LaunchOptions, deepspeed_command
 from xatl_ds.sweep import (SOURCE_REF, Index, SweepError, expand, format_table, load_sweep, run_sweep,
                            slot_options, status_rows, write_configs)  # fmt: skip
 
@@ -109,7 +109,12 @@ def test_slot_options_pin_devices_and_ports():
     cmd = deepspeed_command("x.yaml", b)
     assert "--include" in cmd and "--num_gpus" not in cmd
     cpu = slot_options(LaunchOptions(), 1, 2, 0)
-    assert cpu.include is None and cpu.master_port == 29501
+    # no port given: none is fixed per slot, each launch takes a free one (issue 11: 29500 collided)
+    assert cpu.include is None and cpu.master_port is None
+    from xatl_ds.executor import with_port
+
+    p1, p2 = with_port(cpu).master_port, with_port(cpu).master_port
+    assert p1 and p2 and with_port(LaunchOptions(master_port=29600)).master_port == 29600
     with pytest.raises(SweepError, match="needs 6 devices"):
         slot_options(LaunchOptions(num_gpus=2), 0, 3, 4)
 
@@ -169,7 +174,10 @@ def test_index_and_status(tmp_path):
 @pytest.mark.slow
 def test_real_sweep_interrupt_resume_skip(tmp_path, tiny_dataset, monkeypatch, capsys):
     """In-process (the package is imported already); a watcher thread plays Ctrl-C."""
-    from xatl_ds.sweep import main
+    from xatl_ds.cli import main as cli_main
+
+    def main(argv: list[str]) -> int:
+        return cli_main(["sweep", *argv])
 
     f = tmp_path / "sweep.yaml"
     f.write_text(yaml.safe_dump({

@@ -274,7 +274,7 @@ def test_multi_objective_flops_to_target(tmp_path):
 # -- one real trial through the deepspeed launcher ------------------------------------------------
 @pytest.mark.slow
 def test_real_trial_reports_intermediate_values(tmp_path, tiny_dataset, monkeypatch):
-    from xatl_ds import tune
+    from xatl_ds.cli import main
 
     f = tmp_path / "study.yaml"
     f.write_text(yaml.safe_dump({
@@ -287,7 +287,7 @@ def test_real_trial_reports_intermediate_values(tmp_path, tiny_dataset, monkeypa
     for k, v in train_env().items():
         monkeypatch.setenv(k, v)
     monkeypatch.chdir(REPO)
-    assert tune.main([str(f), "--n-trials", "1", "--worker-id", "real0"]) == 0
+    assert main(["tune", str(f), "--n-trials", "1", "--worker-id", "real0"]) == 0
     assert (tmp_path / "real.db").is_file(), "default storage: sqlite next to the YAML"
     (t,) = open_study(load_study(f)).get_trials()
     assert t.state.name == "COMPLETE", t

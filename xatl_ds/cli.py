@@ -1,36 +1,380 @@
-"""The ``xatl-ds`` command line: one entry point, thin subcommands."""
+"""The ``xatl-ds`` command line: every argument parser of the project, thin handlers that
+call library functions.
+
+Nothing heavy is imported to parse: a command's module (and torch, transformers, DeepSpeed,
+Optuna, lm-eval behind it) is imported only when that command runs, so ``xatl-ds --help``
+answers at once. The library never imports this module.
+"""
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
+
+__all__ = ["build_parser", "main"]
+
+Handler = Callable[[argparse.Namespace], int]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with every subcommand registered."""
-    from . import data, evaluate, launch, quickstart, sweep, transfer, tune
+# -- shared options ---------------------------------------------------------------------------
+def _add_launch_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-gpus", type=int, help="ranks on this node (GPUs, or CPU ranks); default: all GPUs, or 1 on CPU")
+    p.add_argument("--num-nodes", type=int, help="nodes to use from the hostfile")
+    p.add_argument("--hostfile", help="DeepSpeed hostfile (multi-node)")
+    p.add_argument("--launcher", choices=["pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi"],
+                   help="multi-node launcher")  # fmt: skip
+    p.add_argument("--include", help="DeepSpeed --include, e.g. localhost:0,1")
+    p.add_argument("--master-port", type=int, help="rendezvous port (default: a free port per launch)")
 
+
+def _launch_options(args: argparse.Namespace):
+    from .executor import LaunchOptions
+
+    return LaunchOptions(num_gpus=args.num_gpus, num_nodes=args.num_nodes, hostfile=args.hostfile,
+                         launcher=args.launcher, include=args.include, master_port=args.master_port)  # fmt: skip
+
+
+def _fail(command: str, err: BaseException, code: int = 2) -> int:
+    print(f"xatl-ds {command}: {err}", file=sys.stderr)
+    return code
+
+
+# -- data ----------------------------------------------------------------------------------------
+def _data_parser(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="data_command", required=True, metavar="{prepare,info}")
+    prep = sub.add_parser(
+        "prepare",
+        help="tokenize and pack a corpus into DIR (train.bin, val.bin, test.jsonl, tokenizer/, meta.json)",
+        description=(
+            "Split a corpus into train/val/test units by a seeded content hash, train a byte-level BPE on "
+            "train (or use --tokenizer) and write packed uint16/uint32 token shards. Reruns with the same inputs "
+            "are no-ops; the test split is kept as raw text and never enters train.bin."
+        ),
+    )
+    # fmt: off
+    arg = prep.add_argument
+    arg("--out", required=True, help="dataset directory to create")
+    arg("--corpus", nargs="+", action="extend", default=None, metavar="SRC",
+        help="'builtin' (default: the shipped public-domain texts), files or directories (.txt, .txt.gz, "
+             ".jsonl[.gz] with a text field, .parquet with a text column) or hf:NAME[:CONFIG]; "
+             "several are concatenated in order")
+    arg("--tokenizer", default=None,
+        help="hub name or local dir for AutoTokenizer (no remote code); default: train a byte-level BPE")
+    arg("--vocab-size", type=int, default=None, help="BPE vocabulary (default 4096)")
+    arg("--val-frac", type=float, default=None, help="fraction of units for val (default 0.02)")
+    arg("--test-frac", type=float, default=None, help="fraction of units held out as raw text in test.jsonl (default 0.02)")
+    arg("--seed", type=int, default=None, help="split seed (default 0)")
+    arg("--unit-chars", type=int, default=None, help="size of a split unit in characters (default 2000)")
+    arg("--max-chars", type=int, default=None,
+        help="read at most N characters of each input file / dataset (a prefix; for quick runs)")
+    arg("--bpe-max-chars", type=int, default=None, help="train the BPE on at most ~N chars of train text")
+    arg("--text-field", default=None, help="jsonl field / parquet or HF column with the text (default 'text')")
+    arg("--hf-split", default=None, help="split of an hf: dataset to read (default 'train')")
+    arg("--overwrite", action="store_true",
+        help="replace a dataset in --out prepared from different inputs (only a dataset folder is ever replaced)")
+    # fmt: on
+    prep.set_defaults(func=_cmd_data_prepare)
+    info = sub.add_parser("info", help="print the meta.json summary of a prepared dataset")
+    info.add_argument("dir", help="dataset directory")
+    info.set_defaults(func=_cmd_data_info)
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    import dataclasses
+    import time
+
+    from .data import DataError, PrepareConfig, dataset_summary, prepare, progress_logging
+
+    names = {f.name for f in dataclasses.fields(PrepareConfig)}
+    kw = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    t0 = time.perf_counter()
+    try:
+        with progress_logging():
+            meta = prepare(PrepareConfig(**kw))
+    except DataError as e:
+        return _fail("data prepare", e)
+    print(f"{args.out}: {dataset_summary(meta)} [{time.perf_counter() - t0:.1f}s]")
+    return 0
+
+
+def _cmd_data_info(args: argparse.Namespace) -> int:
+    from .data import DataError, dataset_summary, read_meta
+
+    try:
+        meta = read_meta(args.dir)
+    except DataError as e:
+        return _fail("data info", e)
+    print(f"{args.dir}: {dataset_summary(meta)}")
+    for s in meta["sources"]:
+        print(f"  {s['name']}: {s['chars']:,} chars, {s['documents']} docs, sha256 {s['sha256'][:16]}")
+    return 0
+
+
+# -- transfer --------------------------------------------------------------------------------------
+def _transfer_parser(p: argparse.ArgumentParser) -> None:
+    # fmt: off
+    p.add_argument("--source", required=True, help="hub name or save_pretrained directory of a GPT-NeoX / Llama causal LM")
+    p.add_argument("--mixer", default="mamba", choices=["attention", "retnet", "mamba", "mamba2"],
+                   help="token mixer of the LCI layers (default: mamba)")
+    p.add_argument("--attention-layers", default="none",
+                   help="layers keeping attention: none, paper ([1, n//2-1]), all, or indices like 1,5 (default: none)")
+    p.add_argument("--components", default="all",
+                   help="comma list of embed, lm_head, final_norm, norms, mlp, attn_out, attention; "
+                        "'all' (default, the paper's set) or 'none' (scratch)")
+    p.add_argument("--mixer-init", default="random", choices=["random", "zero_out", "attention"],
+                   help="new mixers: random (the paper), zero_out (output projections at 0) or attention "
+                        "(from the replaced layer's attention weights)")
+    p.add_argument("--d-state", type=int, default=None, help="SSM state size (mamba/mamba2)")
+    p.add_argument("--d-conv", type=int, default=None, help="SSM conv width (mamba/mamba2)")
+    p.add_argument("--expand", type=int, default=None, help="SSM expansion: d_inner = expand * hidden (W_O transfers only at 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the new (mixer) weights (default: 0)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype to load and save in (default: float32)")
+    p.add_argument("--no-strict", action="store_true", help="skip (and report) mismatching components instead of failing")
+    p.add_argument("--out", default=None, help="directory to save the target into (safetensors); without it nothing is written")
+    p.add_argument("--overwrite", action="store_true", help="allow --out to hold an existing model")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    # fmt: on
+    p.set_defaults(func=_cmd_transfer)
+
+
+def _cmd_transfer(args: argparse.Namespace) -> int:
+    import json
+
+    from .transfer import TransferRequest, transfer_to_dir
+
+    try:
+        req = TransferRequest.from_cli(
+            source=args.source, mixer=args.mixer, attention_layers=args.attention_layers, components=args.components,
+            mixer_init=args.mixer_init, d_state=args.d_state, d_conv=args.d_conv, expand=args.expand, seed=args.seed,
+            dtype=args.dtype, strict=not args.no_strict,
+        )  # fmt: skip
+        report = transfer_to_dir(req, args.out, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        return _fail("transfer", f"error: {e}")
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        print(report.format())
+        if args.out is not None:
+            print(f"saved the target to {args.out}")
+    return 0
+
+
+# -- train -------------------------------------------------------------------------------------------
+def _train_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable), e.g. -o budget.steps=100")  # fmt: skip
+    _add_launch_options(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config, its data, source and DeepSpeed config, print the command and exit")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import ConfigError, load_run_config
+    from .executor import RunLocked, check_free, deepspeed_command, run_foreground, with_port
+    from .preflight import PreflightError, preflight
+
+    try:
+        cfg = load_run_config(args.config, args.override)  # fail here, before any process starts
+        preflight(cfg)
+    except (ConfigError, PreflightError) as e:
+        return _fail("train", f"bad config: {e}")
+    if args.dry_run:
+        print(shlex.join(deepspeed_command(args.config, _launch_options(args), args.override)))
+        return 0
+    try:
+        check_free(cfg.out_dir)
+    except RunLocked as e:
+        return _fail("train", e, 3)
+    return run_foreground(deepspeed_command(args.config, with_port(_launch_options(args)), args.override))
+
+
+# -- sweep -------------------------------------------------------------------------------------------
+def _sweep_parser(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="sweep_command", required=True, metavar="SUBCOMMAND")
+    r = sub.add_parser("run", help="launch every unfinished run (finished ones are skipped, broken ones resume)")
+    r.add_argument("file", help="sweep YAML, or the name of a shipped sweep (e.g. quickstart)")
+    r.add_argument("--dry-run", action="store_true", help="print the deepspeed command of every run and exit")
+    r.add_argument("--max-parallel", type=int, default=1,
+                   help="concurrent runs (on GPUs each gets its own --include device block)")  # fmt: skip
+    _add_launch_options(r)
+    r.set_defaults(func=_cmd_sweep_run)
+    s = sub.add_parser("status", help="table of runs: state, steps done, last val loss")
+    s.add_argument("file", help="sweep YAML, or the name of a shipped sweep")
+    s.set_defaults(func=_cmd_sweep_status)
+
+
+def _load_sweep(file: str):
+    from .config import sweep_file_path
+    from .sweep import load_sweep
+
+    return load_sweep(sweep_file_path(file))
+
+
+def _cmd_sweep_run(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .sweep import SweepError, run_sweep
+
+    try:
+        sweep = _load_sweep(args.file)
+        return run_sweep(sweep, _launch_options(args), max_parallel=args.max_parallel, dry_run=args.dry_run)
+    except (SweepError, ConfigError) as e:
+        return _fail("sweep", e)
+
+
+def _cmd_sweep_status(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .sweep import STATES, SweepError, format_table, status_rows
+
+    try:
+        rows = status_rows(_load_sweep(args.file))
+    except (SweepError, ConfigError) as e:
+        return _fail("sweep", e)
+    print(format_table(rows, ["name", "id", "state", "steps", "val_loss", "returncode"]))
+    counts = {s: sum(r["state"] == s for r in rows) for s in STATES}
+    print(", ".join(f"{n} {s}" for s, n in counts.items()))
+    return 0
+
+
+# -- tune ----------------------------------------------------------------------------------------------
+def _tune_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="study YAML")
+    p.add_argument("--storage", help="override the storage: an RDB URL or journal:PATH")
+    p.add_argument("--n-trials", type=int, help="trials the study should reach, all workers together (0: write best.yaml)")
+    p.add_argument("--worker-id", help="name of this worker in logs, trial attrs and its sampler seed (default host-pid)")
+    _add_launch_options(p)
+    p.set_defaults(func=_cmd_tune)
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from .tune import StudyError, Worker, load_study
+
+    try:
+        spec = load_study(args.file)
+        if args.storage:
+            spec.storage = args.storage
+        Worker(spec, _launch_options(args), worker_id=args.worker_id).run(args.n_trials)
+    except StudyError as e:
+        return _fail("tune", e)
+    except KeyboardInterrupt:  # the running trial is FAIL and its process group stopped
+        print("[tune] interrupted; rerun the same command to continue the study", file=sys.stderr)
+        return 130
+    best = spec.root / "best.yaml"
+    print(f"[tune] study {spec.study_name}: best config {best if best.is_file() else '(none yet)'}")
+    return 0
+
+
+# -- eval and report ---------------------------------------------------------------------------------
+def _eval_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run directory (with hf/) or an hf export directory")
+    p.add_argument("--tasks", default=None, help="comma-separated task names, 'paper' or 'local' (default: local)")
+    p.add_argument("--include-path", action="append", default=None, metavar="DIR",
+                   help="a folder of lm-eval task YAMLs (repeatable)")  # fmt: skip
+    p.add_argument("--data", default=None, metavar="DATA_DIR", help="dataset of the local tasks (default: the run's)")
+    p.add_argument("--limit", type=float, default=None, help="examples per task (testing); < 1: a fraction")
+    p.add_argument("--batch-size", default=1, type=lambda s: s if s == "auto" else int(s), help="int or 'auto'")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--force", action="store_true", help="re-evaluate even if eval.json has these tasks")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import EvalError, evaluate_run, format_summary
+    from .rundir import RunDir
+
+    try:
+        s = evaluate_run(args.run_dir, args.tasks, data_dir=args.data, include_path=args.include_path,
+                         limit=args.limit, batch_size=args.batch_size, device=args.device, force=args.force)  # fmt: skip
+    except EvalError as e:
+        return _fail("eval", e)
+    for line in format_summary(s):
+        print(line)
+    print(f"wrote {RunDir(args.run_dir).eval_path}")
+    return 0
+
+
+def _report_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep_dir")
+    p.add_argument("--out", default=None, help="output folder (default: SWEEP_DIR)")
+    p.add_argument("--source-flops", action="append", default=None, metavar="[SOURCE=]FLOPS",
+                   help="pretraining FLOPs of a source model not trained in the sweep (hub sources), e.g. "
+                   "EleutherAI/pythia-410m=7.4e20; a bare number applies to every source (repeatable)")  # fmt: skip
+    p.add_argument("--expect", action="append", default=None, metavar="GLOB",
+                   help="run config YAMLs the sweep should produce (their out_dir), to list runs not started")  # fmt: skip
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from analysis.report import write_report
+
+    source_flops: dict[str, float] | float | None = None
+    try:
+        for item in args.source_flops or []:
+            if "=" in item:
+                k, v = item.rsplit("=", 1)
+                source_flops = {**(source_flops if isinstance(source_flops, dict) else {}), k: float(v)}
+            else:
+                source_flops = float(item)
+        path = write_report(args.sweep_dir, out_dir=args.out, source_flops=source_flops, expected=args.expect)
+    except (FileNotFoundError, ValueError) as e:
+        return _fail("report", e)
+    print(f"wrote {path}")
+    return 0
+
+
+# -- quickstart ------------------------------------------------------------------------------------------
+def _quickstart_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sweep", default="quickstart", help="sweep YAML or shipped sweep name (default: quickstart)")
+    p.add_argument("--eval-limit", type=int, default=None, help="examples per eval task (default: all)")
+    p.set_defaults(func=_cmd_quickstart)
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from .config import ConfigError, sweep_file_path
+    from .quickstart import run
+
+    try:
+        path = sweep_file_path(args.sweep)
+    except ConfigError as e:
+        return _fail("quickstart", e)
+    return run(path, args.eval_limit)
+
+
+#: command -> (one-line help, the function that adds its arguments)
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "data": ("prepare tokenized, packed datasets", _data_parser),
+    "transfer": ("build an XATL target from a pretrained Transformer and copy the shared weights", _transfer_parser),
+    "train": ("train one run config through the deepspeed launcher", _train_parser),
+    "eval": ("evaluate a finished run with lm-eval (writes RUN_DIR/eval.json)", _eval_parser),
+    "report": ("results table, compute-matched savings, figures and report.md for a sweep", _report_parser),
+    "sweep": ("expand a sweep YAML into runs and launch them", _sweep_parser),
+    "tune": ("run an Optuna study (one worker; start several for parallel trials)", _tune_parser),
+    "quickstart": ("the main job on the built-in corpus (make quickstart)", _quickstart_parser),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``xatl-ds`` parser; ``only``: fill in just that command's arguments (the others
+    are listed with their help), which is all one invocation needs."""
     parser = argparse.ArgumentParser(prog="xatl-ds", description="Cross-Architecture Transfer Learning on DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    data.add_cli(sub)
-    transfer.add_cli(sub)
-    launch.add_cli(sub)
-    evaluate.add_cli(sub)
-    sweep.add_cli(sub)
-    tune.add_cli(sub)
-    quickstart.add_cli(sub)
+    for name, (help_text, add) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if only is None or only == name:
+            add(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``xatl-ds`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     return int(args.func(args) or 0)
-
-
-def subcommand_main(command: str, argv: Sequence[str] | None = None) -> int:
-    """``python -m xatl_ds.<module> ARGS``: the same as ``xatl-ds <command> ARGS``."""
-    return main([command, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -20,8 +20,6 @@ HFLM left-pads, runs one request at a time for XatlForCausalLM.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 import sys
@@ -29,12 +27,12 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .rundir import RunDir
 from .tasks import LOCAL_TASKS, TaskBuildError, build_tasks
 
-__all__ = ["EVAL_FILE", "PAPER_TASKS", "EvalError", "XatlLM", "add_cli", "evaluate_run", "resolve_tasks",
-           "summarize_results"]  # fmt: skip
+__all__ = ["PAPER_TASKS", "EvalError", "XatlLM", "evaluate_run", "resolve_tasks", "summarize_results",
+           "format_summary", "lm_eval_main"]  # fmt: skip
 
-EVAL_FILE = "eval.json"
 PAPER_TASKS = ("lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande")
 _ALIASES = {"paper": PAPER_TASKS, "local": LOCAL_TASKS, "default": LOCAL_TASKS}
 
@@ -232,21 +230,13 @@ def summarize_results(results: dict) -> dict[str, dict]:
     return out
 
 
-def _run_data_dir(run_dir: Path) -> Path | None:
-    """The dataset a run trained on (meta.json or config.yaml)."""
-    import yaml
-
-    meta = run_dir / "meta.json"
-    if meta.is_file():
-        p = json.loads(meta.read_text()).get("config", {}).get("data", {}).get("path")
-        if p:
-            return Path(p)
-    cfg = run_dir / "config.yaml"
-    if cfg.is_file():
-        p = (yaml.safe_load(cfg.read_text()) or {}).get("data", {}).get("path")
-        if p:
-            return Path(p)
-    return None
+def _run_data_dir(rd: RunDir) -> Path | None:
+    """The dataset a run trained on (its config)."""
+    try:
+        p = (rd.read_config().get("data") or {}).get("path")
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    return Path(p) if p else None
 
 
 def evaluate_run(
@@ -269,15 +259,18 @@ def evaluate_run(
     the same tasks with the same ``limit``, unless ``force``. ``model_args`` go to
     :class:`XatlLM` (e.g. ``{"dtype": "bfloat16"}``).
     """
-    run_dir = Path(run_dir)
-    hf = run_dir / "hf" if (run_dir / "hf").is_dir() else run_dir
+    rd = RunDir(run_dir)
+    run_dir = rd.path
+    hf = rd.hf if rd.hf.is_dir() else run_dir
     if not (hf / "config.json").is_file():
-        state = "still training" if (run_dir / "metrics.jsonl").is_file() else "not a run directory"
+        state = "still training" if rd.metrics.is_file() else "not a run directory"
         raise EvalError(f"{run_dir} has no hf/ export ({state}); evaluate finished runs (with a DONE file)")
     names = resolve_tasks(tasks)
-    out_file = run_dir / EVAL_FILE
-    if out_file.is_file() and not force:
-        old = json.loads(out_file.read_text())
+    if not force:
+        try:
+            old = rd.eval()
+        except ValueError as e:
+            raise EvalError(f"{e} (or pass --force)") from None
         # a group (e.g. mmlu) reports its subtasks too: every requested name must have a result
         same = sorted(old.get("requested_tasks", [])) == sorted(names) and set(names) <= set(old.get("tasks", {}))
         if same and old.get("limit") == limit:
@@ -288,7 +281,7 @@ def evaluate_run(
             raise EvalError(f"--include-path {p} is not a directory of task YAMLs")
     task_dir = None
     if any(n in LOCAL_TASKS for n in names):
-        ddir = Path(data_dir) if data_dir is not None else _run_data_dir(run_dir)
+        ddir = Path(data_dir) if data_dir is not None else _run_data_dir(rd)
         if ddir is None:
             raise EvalError(f"{run_dir}: no meta.json/config.yaml names the dataset; pass --data DATA_DIR")
         try:
@@ -316,9 +309,7 @@ def evaluate_run(
         "batch_size": batch_size, "device": str(lm.device), "eval_seconds": round(time.perf_counter() - t0, 2),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }  # fmt: skip
-    tmp = out_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(out_file)
+    rd.write_json(RunDir.EVAL, summary)
     return summary
 
 
@@ -326,78 +317,16 @@ def _lm_class_cached():
     return globals()["XatlLM"] if "XatlLM" in globals() else __getattr__("XatlLM")
 
 
-# -- CLI -----------------------------------------------------------------------------------------
-def _cmd_eval(args: argparse.Namespace) -> int:
-    try:
-        s = evaluate_run(
-            args.run_dir, args.tasks, data_dir=args.data, include_path=args.include_path, limit=args.limit,
-            batch_size=args.batch_size, device=args.device, force=args.force,
-        )  # fmt: skip
-    except EvalError as e:
-        print(f"xatl-ds eval: {e}", file=sys.stderr)
-        return 2
-    for task, r in s.get("tasks", {}).items():
+def format_summary(summary: dict) -> list[str]:
+    """One line per task: ``task (n=N): metric value ± stderr, ...``."""
+    lines = []
+    for task, r in summary.get("tasks", {}).items():
         ms = ", ".join(
             f"{m} {v['value']:.4g}" + (f" ± {v['stderr']:.2g}" if v["stderr"] is not None else "")
             for m, v in r["metrics"].items() if v["value"] is not None
         )  # fmt: skip
-        print(f"{task} (n={r['n_samples']}): {ms}")
-    print(f"wrote {Path(args.run_dir) / EVAL_FILE}")
-    return 0
-
-
-def _cmd_report(args: argparse.Namespace) -> int:
-    from analysis.report import write_report
-
-    source_flops: dict[str, float] | float | None = None
-    for item in args.source_flops or []:
-        if "=" in item:
-            k, v = item.rsplit("=", 1)
-            source_flops = {**(source_flops if isinstance(source_flops, dict) else {}), k: float(v)}
-        else:
-            source_flops = float(item)
-    try:
-        path = write_report(args.sweep_dir, out_dir=args.out, source_flops=source_flops, expected=args.expect)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"xatl-ds report: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    """Register ``eval`` and ``report`` with the ``xatl-ds`` CLI."""
-    p = subparsers.add_parser(
-        "eval", help="evaluate a finished run with lm-eval (writes RUN_DIR/eval.json)",
-        description="Run lm-eval on RUN_DIR/hf. Default tasks: the local xatl_lastword and xatl_nextsent, built "
-        "from the run's held-out test split (no network). --tasks paper: lambada_openai, hellaswag, piqa, "
-        "arc_easy, arc_challenge, winogrande (their data must be downloadable or cached).",
-    )  # fmt: skip
-    p.add_argument("run_dir", help="run directory (with hf/) or an hf export directory")
-    p.add_argument("--tasks", default=None, help="comma-separated task names, 'paper' or 'local' (default: local)")
-    p.add_argument("--include-path", action="append", default=None, metavar="DIR",
-                   help="a folder of lm-eval task YAMLs (repeatable)")  # fmt: skip
-    p.add_argument("--data", default=None, metavar="DATA_DIR", help="dataset of the local tasks (default: the run's)")
-    p.add_argument("--limit", type=float, default=None, help="examples per task (testing); < 1: a fraction")
-    p.add_argument("--batch-size", default=1, type=lambda s: s if s == "auto" else int(s), help="int or 'auto'")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--force", action="store_true", help="re-evaluate even if eval.json has these tasks")
-    p.set_defaults(func=_cmd_eval)
-
-    r = subparsers.add_parser(
-        "report", help="results table, compute-matched savings, figures and report.md for a sweep",
-        description="Collect every run under SWEEP_DIR (finished or not) into results.csv/parquet, pair XATL runs "
-        "with their scratch baselines, compute FLOPs/tokens/time savings and benchmark deltas, draw figures and "
-        "write SWEEP_DIR/report.md. Works on partial sweeps and lists what is missing.",
-    )  # fmt: skip
-    r.add_argument("sweep_dir")
-    r.add_argument("--out", default=None, help="output folder (default: SWEEP_DIR)")
-    r.add_argument("--source-flops", action="append", default=None, metavar="[SOURCE=]FLOPS",
-                   help="pretraining FLOPs of a source model not trained in the sweep (hub sources), e.g. "
-                   "EleutherAI/pythia-410m=7.4e20; a bare number applies to every source (repeatable)")  # fmt: skip
-    r.add_argument("--expect", action="append", default=None, metavar="GLOB",
-                   help="run config YAMLs the sweep should produce (their out_dir), to list runs not started")  # fmt: skip
-    r.set_defaults(func=_cmd_report)
+        lines.append(f"{task} (n={r['n_samples']}): {ms}")
+    return lines
 
 
 def lm_eval_main(argv: Sequence[str] | None = None) -> None:

@@ -7,21 +7,16 @@ finishes fast; Ctrl-C loses at most the steps since each run's last checkpoint.
 """
 from __future__ import annotations
 
-import argparse
 import csv
-import sys
 import time
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_SWEEP = REPO / "sweeps" / "quickstart.yaml"
 
 
 def _say(msg: str) -> None:
     print(f"[quickstart {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run(sweep_file: Path = DEFAULT_SWEEP, eval_limit: int | None = None) -> int:
+def run(sweep_file: Path, eval_limit: int | None = None) -> int:
     from analysis.report import write_report
 
     from .data import PrepareConfig, prepare
@@ -57,13 +52,10 @@ def run(sweep_file: Path = DEFAULT_SWEEP, eval_limit: int | None = None) -> int:
     return 0
 
 
-def _arch(row: dict) -> str:
-    att = row.get("attention_layers", "none")
-    return row["mixer"] + ("" if att in ("", "none") else f"+attn[{att}]")
-
-
 def summary_lines(report_dir: Path) -> list[str]:
     """Three lines: savings per architecture, benchmark deltas, and where the details are."""
+    from analysis.report import arch_label
+
     out = []
     s = report_dir / "savings_summary.csv"
     if s.is_file():
@@ -71,24 +63,11 @@ def summary_lines(report_dir: Path) -> list[str]:
         for r in csv.DictReader(s.open()):
             v = r.get("savings_flops_mean", "")
             bound = ">=" if r.get("any_lower_bound") == "True" else ""
-            parts.append(f"{_arch(r)} {bound}{float(v):.2f}x" if v not in ("", "nan") else f"{_arch(r)} not reached")
+            parts.append(f"{arch_label(r)} {bound}{float(v):.2f}x" if v not in ("", "nan") else f"{arch_label(r)} not reached")
         out.append("FLOP savings (scratch / XATL, to the scratch run's final val loss): " + "; ".join(parts))
     d = report_dir / "benchmark_deltas.csv"
     if d.is_file():
-        parts = [f"{_arch(r)} {r['task']} {float(r['delta']):+.3f}" for r in csv.DictReader(d.open()) if r["metric"] == "acc"]
+        parts = [f"{arch_label(r)} {r['task']} {float(r['delta']):+.3f}" for r in csv.DictReader(d.open()) if r["metric"] == "acc"]
         out.append("accuracy deltas (XATL - scratch, local tasks): " + "; ".join(parts))
     out.append(f"details: {report_dir / 'report.md'}")
     return out
-
-
-def add_cli(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("quickstart", help="the main job on the built-in corpus (make quickstart)",
-                              description=__doc__.split("\n\n")[0])  # fmt: skip
-    p.add_argument("--sweep", type=Path, default=DEFAULT_SWEEP, help="sweep YAML (default: sweeps/quickstart.yaml)")
-    p.add_argument("--eval-limit", type=int, default=None, help="examples per eval task (default: all)")
-    p.set_defaults(func=lambda a: run(a.sweep, a.eval_limit))
-    return p
-
-
-if __name__ == "__main__":
-    sys.exit(run())

@@ -29,41 +29,45 @@ matches data instead of compute.
 A scratch run (``init.kind: scratch`` after the overrides) drops ``init.source``, so XATL and
 scratch runs can share axes that set the source (e.g. zipped with ``model.size``).
 
+Baselines. Each XATL run is paired with the scratch run that shares all its other axis values
+and takes the first scratch value of the axis that sets ``init.kind`` (the *recipe axis*); the
+pairing is written to ``sweep.json`` and read by ``xatl-ds report``. ``baseline: {budget_factor:
+k}`` lets every scratch run train k times the base budget (the report then measures effective
+compute: what scratch needs to reach each XATL loss).
+
 Layout of the root: ``configs/<run>.yaml`` (each expanded run config), ``runs/<run>/`` (the
-trainer's out_dir), ``logs/<run>.log``, ``sweep.json`` and ``index.csv`` (run id, name, config
-path, state, return code, times). ``<run>`` is ``<readable name>-<content hash>``.
+trainer's out_dir, a :class:`xatl_ds.rundir.RunDir`), ``logs/<run>.log``, ``sweep.json`` and
+``index.csv`` (run id, name, config path, state, return code, times, pairing). ``<run>`` is
+``<readable name>-<content hash>``; names and labels must be safe file names.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import itertools
 import json
-import os
 import re
 import shlex
 import signal
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import yaml
+from .executor import Launch, LaunchOptions, RunLocked, check_free, cuda_devices, deepspeed_command, with_port
+from .runspec import SOURCE_REF, PlanError, RunSpec, check_name, place, record, source_spec
 
-from .launch import LaunchOptions, add_opts_cli, deepspeed_command, train_env
+__all__ = ["SOURCE_REF", "STATES", "Sweep", "SweepError", "Index", "load_sweep", "expand", "write_configs",
+           "run_sweep", "status_rows", "format_table", "slot_options"]  # fmt: skip
 
-#: placeholder for ``init.source``: the sweep's own source run (its ``hf`` export)
-SOURCE_REF = "@source"
 STATES = ("pending", "running", "done", "failed")
-#: sections a source run takes from ``base`` unless it sets them
-_SOURCE_INHERITS = ("data", "deepspeed", "eval", "checkpoint", "log_every")
-_SWEEP_KEYS = {"name", "out_dir", "base", "axes", "source", "launch"}
+_SWEEP_KEYS = {"name", "out_dir", "base", "axes", "source", "launch", "baseline"}
+#: run config sections whose axis values make a recipe (what XATL and scratch runs differ in)
+_RECIPE_PREFIXES = ("init.", "freeze.", "distill.", "align.")
 
 
-class SweepError(ValueError):
+class SweepError(PlanError):
     """A sweep file is wrong; the message names the run and field and the fix."""
 
 
@@ -77,24 +81,6 @@ class Axis:
 
 
 @dataclass
-class SweepRun:
-    """One expanded run of a sweep."""
-
-    id: str
-    """RunConfig.content_hash() of the run."""
-    name: str
-    """Readable name, e.g. ``mamba-xatl-lit-s0``."""
-    key: str
-    """``<name>-<id>``: the run's directory and file stem under the sweep root."""
-    config: dict
-    """The validated run config as a plain dict."""
-    config_path: Path
-    out_dir: Path
-    is_source: bool = False
-    needs_source: bool = False
-
-
-@dataclass
 class Sweep:
     """A parsed sweep file (see the module docstring)."""
 
@@ -105,6 +91,8 @@ class Sweep:
     source: dict | None = None
     launch: LaunchOptions = field(default_factory=LaunchOptions)
     path: Path | None = None
+    budget_factor: float = 1.0
+    """Scratch runs train this many times the base budget (``baseline.budget_factor``)."""
 
 
 # -- parsing -------------------------------------------------------------------------------
@@ -129,12 +117,27 @@ def load_sweep(source: str | Path | dict) -> Sweep:
     src = data.get("source")
     if src is not None and not isinstance(src, dict):
         raise SweepError("source: must be a run config mapping for the source Transformer")
-    launch = data.get("launch") or {}
-    names = {f.name for f in fields(LaunchOptions)}
-    if not isinstance(launch, dict) or set(launch) - names:
-        raise SweepError(f"launch: unknown option(s) {sorted(set(launch) - names)}; valid: {sorted(names)}")
+    try:
+        launch = LaunchOptions.from_dict(data.get("launch"), "launch")
+    except ValueError as e:
+        raise SweepError(str(e)) from None
+    check_name(name, "sweep name")
+    factor = _budget_factor(data.get("baseline"))
     root = Path(data.get("out_dir") or f"runs/sweeps/{name}")
-    return Sweep(name=name, root=root, base=base, axes=axes, source=src, launch=LaunchOptions(**launch), path=path)
+    return Sweep(name=name, root=root, base=base, axes=axes, source=src, launch=launch, path=path, budget_factor=factor)
+
+
+def _budget_factor(spec: Any) -> float:
+    import math
+
+    if spec is None:
+        return 1.0
+    if not isinstance(spec, dict) or set(spec) - {"budget_factor"}:
+        raise SweepError("baseline: must be a mapping {budget_factor: K} (K >= 1: scratch runs train K times the budget)")
+    k = spec.get("budget_factor", 1.0)
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or k < 1:
+        raise SweepError(f"baseline.budget_factor={k!r} must be a finite number >= 1")
+    return float(k)
 
 
 def _parse_axis(name: str, spec: Any) -> Axis:
@@ -153,7 +156,7 @@ def _parse_axis(name: str, spec: Any) -> Axis:
         if labels is not None and (not isinstance(labels, list) or len(labels) != n):
             raise SweepError(f"axes.{name}.labels must be a list of {n} names, one per zipped value")
         labels = [str(x) for x in labels] if labels else ["-".join(t for k, v in d.items() if (t := _token(k, v))) for d in values]
-        return Axis(name, values, labels)
+        return _checked(Axis(name, values, labels))
     if not isinstance(spec, list) or not spec:
         raise SweepError(f"axes.{name} must be a non-empty list of values, a {{zip: ...}} group or a list of presets")
     if all(isinstance(v, dict) for v in spec):  # presets
@@ -165,11 +168,23 @@ def _parse_axis(name: str, spec: Any) -> Axis:
                 raise SweepError(f"axes.{name}[{i}] is an empty preset; give dotted overrides like init.kind: xatl")
             values.append(preset)
             labels.append(str(label) if label is not None else "-".join(t for k, v in preset.items() if (t := _token(k, v))))
-        return Axis(name, values, labels)
+        return _checked(Axis(name, values, labels))
     if any(isinstance(v, dict) for v in spec):
         raise SweepError(f"axes.{name} mixes presets (dicts) and plain values; use one kind")
-    return Axis(name, [{name: v} for v in spec], [_token(name, v) for v in spec])
+    return _checked(Axis(name, [{name: v} for v in spec], [_token(name, v) for v in spec]))
 
+
+def _checked(axis: Axis) -> Axis:
+    """Labels become parts of file names: each must be safe (or empty: the part is left out)."""
+    for i, lab in enumerate(axis.labels):
+        if lab:
+            try:
+                check_name(lab, f"axes.{axis.name} label {i}")
+            except PlanError as e:
+                raise SweepError(str(e)) from None
+    return axis
+
+    
 
 def _token(key: str, value: Any) -> str:
     """A short readable name part for ``key=value``."""
@@ -192,99 +207,70 @@ def _token(key: str, value: Any) -> str:
 
 
 # -- expansion -----------------------------------------------------------------------------
-def set_dotted(d: dict, key: str, value: Any) -> None:
-    """``d[a][b] = value`` for ``key = "a.b"``; a dict value merges into an existing dict."""
-    node = d
-    parts = key.split(".")
-    for p in parts[:-1]:
-        nxt = node.setdefault(p, {})
-        if not isinstance(nxt, dict):
-            raise SweepError(f"{key}: {p} is not a section")
-        node = nxt
-    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
-        node[parts[-1]] = _merge(node[parts[-1]], value)
-    else:
-        node[parts[-1]] = copy.deepcopy(value)
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = copy.deepcopy(a)
-    for k, v in b.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
 def _apply(base: dict, overrides: dict) -> dict:
+    from .config import set_dotted
+
     out = copy.deepcopy(base)
     for k, v in overrides.items():
-        set_dotted(out, k, v)
+        try:
+            set_dotted(out, k, v)
+        except ValueError as e:
+            raise SweepError(str(e)) from None
     return out
 
 
-def _finish(sweep: Sweep, cfg: dict, name: str, is_source: bool = False) -> SweepRun:
-    """Validate ``cfg`` and give it its id, key, out_dir and config path."""
-    from .config import ConfigError, load_run_config
+def _is_recipe_axis(axis: Axis) -> bool:
+    return any(k == "init.kind" for v in axis.values for k in v)
 
-    init = cfg.setdefault("init", {})
-    if init.get("kind", "scratch") == "scratch":
-        init.pop("source", None)  # scratch twins share the axes that name a source
-    needs_source = init.get("source") == SOURCE_REF
-    if needs_source:
-        if sweep.source is None:
-            raise SweepError(f"run {name}: init.source is {SOURCE_REF!r} but the sweep has no source: section")
-        init["source"] = "<source>"  # placeholder path for the hash; replaced below
-    cfg["name"] = name
-    cfg["out_dir"] = "<set below>"
+
+def _scaled_budget(cfg: dict, factor: float) -> dict:
+    """The config with its budget (steps, tokens or FLOPs) times ``factor``."""
+    if factor == 1.0:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    budget = cfg.get("budget") or {}
+    for k in ("steps", "tokens", "flops"):
+        if budget.get(k) is not None:
+            v = float(budget[k]) * factor
+            budget[k] = v if k == "flops" else int(round(v))
+    return cfg
+
+
+def expand(sweep: Sweep, world_size: int | None = None) -> list[RunSpec]:
+    """Every run of the sweep (the source first), each validated, with its baseline; raises
+    :class:`SweepError` naming the run and field on the first bad one. ``world_size`` also
+    checks that each batch divides over that many ranks."""
     try:
-        rc = load_run_config(cfg)
-    except ConfigError as e:
-        raise SweepError(f"run {name}: {e}") from None
-    return _placed(sweep, rc.to_dict(), name, rc.content_hash(), is_source, needs_source)
+        return _expand(sweep, world_size)
+    except PlanError as e:
+        raise SweepError(str(e)) from None
 
 
-def _placed(sweep: Sweep, cfg: dict, name: str, rid: str, is_source: bool, needs_source: bool) -> SweepRun:
-    key = f"{name}-{rid}"
-    out = sweep.root / "runs" / key
-    cfg["out_dir"] = str(out)
-    return SweepRun(id=rid, name=name, key=key, config=cfg, config_path=sweep.root / "configs" / f"{key}.yaml",
-                    out_dir=out, is_source=is_source, needs_source=needs_source)  # fmt: skip
-
-
-def expand(sweep: Sweep, world_size: int | None = None) -> list[SweepRun]:
-    """Every run of the sweep (the source first), each validated; raises :class:`SweepError`
-    naming the run and field on the first bad one. ``world_size`` also checks that each
-    batch divides over that many ranks."""
-    runs: list[SweepRun] = []
-    src_run = None
-    if sweep.source is not None:
-        inherited = {k: copy.deepcopy(sweep.base[k]) for k in _SOURCE_INHERITS if k in sweep.base}
-        scfg = _merge(_merge(inherited, {"model": {"mixer": "attention", "attention_layers": "none"},
-                                         "init": {"kind": "scratch"}}), sweep.source)  # fmt: skip
-        src_name = str(scfg.pop("name", None) or "source")
-        src_run = _finish(sweep, scfg, src_name, is_source=True)
-        runs.append(src_run)
+def _expand(sweep: Sweep, world_size: int | None) -> list[RunSpec]:
+    runs: list[RunSpec] = []
+    src = source_spec(sweep.root, sweep.base, sweep.source)
+    if src is not None:
+        runs.append(src)
     seen: dict[str, str] = {}
-    for combo in itertools.product(*[list(zip(a.labels, a.values)) for a in sweep.axes]):
+    recipe = [i for i, a in enumerate(sweep.axes) if _is_recipe_axis(a)]
+    by_combo: dict[tuple, RunSpec] = {}
+    for combo in itertools.product(*[list(zip(a.labels, a.values, range(len(a.values)))) for a in sweep.axes]):
         overrides: dict[str, Any] = {}
-        for _, vals in combo:
+        for _, vals, _ in combo:
             overrides.update(vals)
-        name = "-".join(lab for lab, _ in combo if lab) or sweep.name
-        run = _finish(sweep, _apply(sweep.base, overrides), name)
-        if run.needs_source:
-            # the source's export path is part of what the run computes: hash it in
-            run.config["init"]["source"] = str(src_run.out_dir / "hf")
-            from .config import load_run_config
-
-            rc = load_run_config(run.config)
-            run = _placed(sweep, rc.to_dict(), name, rc.content_hash(), False, True)
+        name = "-".join(lab for lab, _, _ in combo if lab) or sweep.name
+        cfg = _apply(sweep.base, overrides)
+        if (cfg.get("init") or {}).get("kind", "scratch") == "scratch":
+            cfg = _scaled_budget(cfg, sweep.budget_factor)
+        run = place(sweep.root, cfg, name, source=src)
+        run.labels = {a.name: lab for a, (lab, _, _) in zip(sweep.axes, combo)}
         if run.id in seen:
             raise SweepError(f"runs {seen[run.id]} and {name} have identical configs (id {run.id}); "
                              "an axis changes nothing the run computes")  # fmt: skip
         seen[run.id] = name
+        by_combo[tuple(i for _, _, i in combo)] = run
         runs.append(run)
+    _pair(sweep, recipe, by_combo)
     names = [r.name for r in runs]
     for r in runs:  # duplicate readable names: disambiguated by the key's hash anyway
         if names.count(r.name) > 1:
@@ -300,42 +286,56 @@ def expand(sweep: Sweep, world_size: int | None = None) -> list[SweepRun]:
     return runs
 
 
-def write_configs(runs: list[SweepRun]) -> None:
+def _pair(sweep: Sweep, recipe: list[int], by_combo: dict[tuple, RunSpec]) -> None:
+    """Each XATL run's baseline: same values on every other axis, the first scratch value on
+    the recipe axes. Without a recipe axis, the one scratch run with otherwise equal axes."""
+    for combo, run in by_combo.items():
+        if run.init_kind == "scratch":
+            continue
+        candidates = [r for c, r in by_combo.items() if r.init_kind == "scratch"
+                      and all(c[i] == combo[i] for i in range(len(combo)) if i not in recipe)]  # fmt: skip
+        if candidates:
+            run.baseline = candidates[0].key
+
+
+def write_configs(runs: list[RunSpec]) -> None:
     """Write each run's config YAML (``configs/<key>.yaml``)."""
     for r in runs:
-        r.config_path.parent.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump(r.config, sort_keys=False)
-        if not r.config_path.is_file() or r.config_path.read_text() != text:
-            r.config_path.write_text(text)
+        r.write_config()
 
 
 # -- the index -----------------------------------------------------------------------------
-_INDEX_FIELDS = ("id", "name", "key", "config", "out_dir", "state", "returncode", "started", "finished", "pid")
+_INDEX_FIELDS = ("id", "name", "key", "config", "out_dir", "state", "returncode", "started", "finished", "pid",
+                 "role", "baseline", "size")  # fmt: skip
 
 
 class Index:
-    """``sweep.json`` + ``index.csv`` in the sweep root: one record per run."""
+    """``sweep.json`` + ``index.csv`` in the sweep root: one record per run (its plan, its
+    pairing and its last launch)."""
 
-    def __init__(self, sweep: Sweep, runs: list[SweepRun]):
+    FILE = "sweep.json"
+
+    def __init__(self, sweep: Sweep, runs: list[RunSpec]):
         self.root = sweep.root
-        self.path = self.root / "sweep.json"
+        self.path = self.root / self.FILE
         old = {}
         if self.path.is_file():
             try:
                 old = {r["key"]: r for r in json.loads(self.path.read_text()).get("runs", [])}
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 old = {}
         self.name = sweep.name
         self.file = str(sweep.path) if sweep.path else None
+        specs = {r.key: r for r in runs}
         self.records: dict[str, dict] = {}
         for r in runs:
             rec = {k: None for k in _INDEX_FIELDS}
-            rec.update(old.get(r.key, {}))
-            rec.update(id=r.id, name=r.name, key=r.key, config=str(r.config_path), out_dir=str(r.out_dir))
+            rec.update({k: v for k, v in old.get(r.key, {}).items() if k in ("state", "returncode", "started", "finished", "pid")})
+            rec.update(record(r, specs))
             rec["state"] = run_state(r, rec)
             self.records[r.key] = rec
 
-    def update(self, run: SweepRun, **kw: Any) -> None:
+    def update(self, run: RunSpec, **kw: Any) -> None:
         self.records[run.key].update(kw)
         self.save()
 
@@ -345,64 +345,32 @@ class Index:
         tmp.write_text(json.dumps({"name": self.name, "file": self.file, "runs": list(self.records.values())}, indent=1))
         tmp.replace(self.path)
         with open(self.root / "index.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=_INDEX_FIELDS)
+            w = csv.DictWriter(f, fieldnames=_INDEX_FIELDS, extrasaction="ignore")
             w.writeheader()
             w.writerows(self.records.values())
 
 
-def _alive(pid: Any) -> bool:
-    try:
-        os.kill(int(pid), 0)
-        return True
-    except (TypeError, ValueError, ProcessLookupError, PermissionError):
-        return False
-
-
-def run_state(run: SweepRun, rec: dict | None = None) -> str:
-    """``done`` (DONE written), ``running`` (recorded as running by a live process),
-    ``failed`` (a launch ended without DONE) or ``pending``."""
-    if (run.out_dir / "DONE").is_file():
-        return "done"
+def run_state(run: RunSpec, rec: dict | None = None) -> str:
+    """``done`` (DONE written), ``running`` (a live trainer holds the run's lock), ``failed``
+    (a launch ended without DONE) or ``pending``."""
+    s = run.dir.state()
+    if s in ("done", "running"):
+        return s
     rec = rec or {}
-    if rec.get("state") == "running" and _alive(rec.get("pid")):
-        return "running"
     if rec.get("state") in ("running", "failed") or rec.get("returncode") not in (None, 0):
         return "failed"
     return "pending"
 
 
-def run_progress(out_dir: Path) -> tuple[int, float | None]:
-    """(steps done, last validation loss) from a run's metrics.jsonl."""
-    steps, val = 0, None
-    p = Path(out_dir) / "metrics.jsonl"
-    if p.is_file():
-        for line in p.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line
-            steps = row.get("step", steps)
-            if row.get("val_loss") is not None:
-                val = row["val_loss"]
-    return steps, val
-
-
 # -- running -------------------------------------------------------------------------------
-def _merge_opts(defaults: LaunchOptions, cli: LaunchOptions) -> LaunchOptions:
-    d = asdict(defaults)
-    for k, v in asdict(cli).items():
-        if v not in (None, []):
-            d[k] = v
-    return LaunchOptions(**d)
-
-
 def slot_options(opts: LaunchOptions, slot: int, max_parallel: int, n_devices: int) -> LaunchOptions:
-    """Launch options of concurrent slot ``slot``: its own master port and, on a GPU node,
-    its own ``--include localhost:<devices>`` block of ``num_gpus`` devices."""
+    """Launch options of concurrent slot ``slot``: on a GPU node its own ``--include
+    localhost:<devices>`` block of ``num_gpus`` devices (ports are free per launch)."""
     if max_parallel <= 1:
         return opts
-    o = LaunchOptions(**asdict(opts))
-    o.master_port = (opts.master_port or 29500) + slot
+    o = LaunchOptions(**{**opts.__dict__, "extra": list(opts.extra)})
+    if opts.master_port:
+        o.master_port = opts.master_port + slot
     if n_devices and not opts.hostfile:
         per = opts.num_gpus or 1
         if per * max_parallel > n_devices:
@@ -413,48 +381,26 @@ def slot_options(opts: LaunchOptions, slot: int, max_parallel: int, n_devices: i
     return o
 
 
-def _cuda_devices() -> int:
-    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if vis is not None:
-        return len([x for x in vis.split(",") if x.strip()])
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
-        return len([x for x in out.stdout.splitlines() if x.startswith("GPU")])
-    except (OSError, subprocess.SubprocessError):
-        return 0
-
-
-def stop_process_group(proc: subprocess.Popen, grace: float = 20.0, first: int = signal.SIGTERM) -> int:
-    """Stop a launcher started with ``start_new_session``: ``first`` to its whole process group,
-    SIGKILL after ``grace`` seconds. Returns the exit code."""
-    for sig, wait in ((first, grace), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            return proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-    return proc.wait()
+#: seconds a launcher gives a run's previous trainer to let go of its lock (an orphan of a
+#: killed launcher stops within about a second)
+LOCK_WAIT = 15.0
 
 
 def run_sweep(sweep: Sweep, opts: LaunchOptions | None = None, *, max_parallel: int = 1, dry_run: bool = False,
               out: TextIO | None = None, poll: float = 0.5, progress_every: float = 20.0) -> int:  # fmt: skip
     """Launch every unfinished run (the source first); returns 0 if all are done, 130 if
-    interrupted (Ctrl-C), 1 if a run failed. ``out``: progress lines (default stdout)."""
+    interrupted (Ctrl-C or SIGTERM), 1 if a run failed or is trained by another process.
+    ``out``: progress lines (default stdout)."""
     out = out or sys.stdout
-    opts = _merge_opts(sweep.launch, opts or LaunchOptions())
-    world = (opts.num_gpus or 0) * (opts.num_nodes or 1) if not opts.include else None
-    runs = expand(sweep, world_size=world or None)  # everything validated before anything starts
+    opts = sweep.launch.merged(opts)
+    runs = expand(sweep, world_size=opts.world_size())  # everything validated before anything starts
     if max_parallel < 1:
         raise SweepError("--max-parallel must be >= 1")
-    n_dev = _cuda_devices() if max_parallel > 1 else 0
+    n_dev = cuda_devices() if max_parallel > 1 else 0
     if dry_run:
         for slot, r in enumerate(runs):
             cmd = deepspeed_command(r.config_path, slot_options(opts, slot % max_parallel, max_parallel, n_dev))
-            state = "done" if (r.out_dir / "DONE").is_file() else "todo"
-            print(f"# {r.name} [{r.id}] {state}", file=out)
+            print(f"# {r.name} [{r.id}] {'done' if r.dir.is_done() else 'todo'}", file=out)
             print(shlex.join(cmd), file=out)
         return 0
     write_configs(runs)
@@ -465,80 +411,91 @@ def run_sweep(sweep: Sweep, opts: LaunchOptions | None = None, *, max_parallel: 
     for r in runs:
         if r not in todo:
             print(f"[sweep] {r.name}: done, skipped", file=out)
-    source = next((r for r in runs if r.is_source), None)
-    active: dict[int, tuple[SweepRun, subprocess.Popen, Any]] = {}
+    by_key = {r.key: r for r in runs}
+    active: dict[int, tuple[RunSpec, Launch]] = {}
     failed: list[str] = []
-    interrupted = False
+    stopped = False
     next_report = time.monotonic() + progress_every
 
-    def launch(r: SweepRun, slot: int) -> None:
-        cmd = deepspeed_command(r.config_path, slot_options(opts, slot, max_parallel, n_dev))
+    def launch(r: RunSpec, slot: int) -> None:
+        try:
+            check_free(r.dir, wait=LOCK_WAIT)
+        except RunLocked as e:
+            print(f"[sweep] {r.name}: not started: {e}", file=out, flush=True)
+            failed.append(r.name)
+            return
+        cmd = deepspeed_command(r.config_path, with_port(slot_options(opts, slot, max_parallel, n_dev)))
         log = open(sweep.root / "logs" / f"{r.key}.log", "a")
         log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
         log.flush()
-        resumed = (r.out_dir / "checkpoints").is_dir()
-        print(f"[sweep] {r.name}: {'resuming' if resumed else 'starting'} (log {log.name})", file=out, flush=True)
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=train_env(), start_new_session=True)
-        index.update(r, state="running", pid=proc.pid, started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        print(f"[sweep] {r.name}: {'resuming' if r.dir.has_checkpoint() else 'starting'} (log {log.name})",
+              file=out, flush=True)  # fmt: skip
+        ln = Launch(cmd, log=log).start()
+        index.update(r, state="running", pid=ln.pid, started=time.strftime("%Y-%m-%dT%H:%M:%S"),
                      finished=None, returncode=None)  # fmt: skip
-        active[slot] = (r, proc, log)
+        active[slot] = (r, ln)
 
     def reap(slot: int, rc: int) -> None:
-        r, proc, log = active.pop(slot)
-        log.close()
-        done = rc == 0 and (r.out_dir / "DONE").is_file()
+        r, ln = active.pop(slot)
+        ln.log.close()
+        done = rc == 0 and r.dir.is_done()
         index.update(r, state="done" if done else "failed", returncode=rc, pid=None,
                      finished=time.strftime("%Y-%m-%dT%H:%M:%S"))  # fmt: skip
-        steps, val = run_progress(r.out_dir)
-        msg = f"done ({steps} steps, val loss {val})" if done else f"FAILED (exit code {rc}; see {log.name})"
+        steps, val = r.dir.progress()
+        msg = f"done ({steps} steps, val loss {val})" if done else f"FAILED (exit code {rc}; see {ln.log.name})"
         print(f"[sweep] {r.name}: {msg}", file=out, flush=True)
         if not done:
             failed.append(r.name)
 
-    old_int = signal.getsignal(signal.SIGINT)
+    handlers = {}
 
-    def on_int(signum, frame):  # the first Ctrl-C stops the runs, a second one is a plain KeyboardInterrupt
-        nonlocal interrupted
-        interrupted = True
-        signal.signal(signal.SIGINT, old_int)
+    def on_signal(signum, frame):  # the first Ctrl-C/SIGTERM stops the runs; a second Ctrl-C is a KeyboardInterrupt
+        nonlocal stopped
+        stopped = True
+        signal.signal(signum, handlers[signum] if signum == signal.SIGINT else on_signal)
 
-    signal.signal(signal.SIGINT, on_int)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        handlers[sig] = signal.signal(sig, on_signal)
     try:
-        while (todo or active) and not interrupted:
-            if source is not None and source.name in failed:
-                for r in [r for r in todo if r.needs_source]:  # their source failed: they cannot run
-                    print(f"[sweep] {r.name}: skipped (the source run failed)", file=out)
-                    failed.append(r.name)
-                    todo.remove(r)
+        while (todo or active) and not stopped:
+            for r in [r for r in todo if any(by_key[k].name in failed for k in r.needs)]:
+                print(f"[sweep] {r.name}: skipped (its source run failed)", file=out)
+                failed.append(r.name)
+                todo.remove(r)
             for slot in range(max_parallel):
-                if slot in active or not todo or interrupted:
+                if slot in active or not todo or stopped:
                     continue
                 # the source is first in line; runs that need its export wait until it is done
-                src_busy = source is not None and index.records[source.key]["state"] != "done"
-                ready = [r for r in todo if not (r.needs_source and src_busy)]
+                ready = [r for r in todo if all(by_key[k].dir.is_done() for k in r.needs)]
                 if not ready:
                     break
                 todo.remove(ready[0])
                 launch(ready[0], slot)
-            for slot, (r, proc, _) in list(active.items()):
-                rc = proc.poll()
+            for slot, (r, ln) in list(active.items()):
+                rc = ln.poll()
                 if rc is not None:
                     reap(slot, rc)
             if active and time.monotonic() >= next_report:  # runs log to files: show progress here
                 next_report = time.monotonic() + progress_every
-                for r, _, _ in active.values():
-                    steps, val = run_progress(r.out_dir)
+                for r, _ in active.values():
+                    steps, val = r.dir.progress()
                     print(f"[sweep] {r.name}: step {steps}" + (f", val loss {val:.3f}" if val is not None else ""),
                           file=out, flush=True)  # fmt: skip
             if active:
                 time.sleep(poll)
+            elif todo and not any(all(by_key[k].dir.is_done() for k in r.needs) for r in todo):
+                for r in todo:  # waiting on a source nobody is training
+                    print(f"[sweep] {r.name}: skipped (its source run is not done)", file=out)
+                    failed.append(r.name)
+                todo.clear()
     finally:
         if active:
-            print("[sweep] interrupted: stopping the running runs (their last checkpoints survive)", file=out, flush=True)
-        for slot, (r, proc, _) in list(active.items()):
-            reap(slot, stop_process_group(proc, first=signal.SIGINT))
-        signal.signal(signal.SIGINT, old_int)
-    if interrupted:
+            print("[sweep] stopping the running runs (their last checkpoints survive)", file=out, flush=True)
+        for slot, (r, ln) in list(active.items()):
+            reap(slot, ln.stop(first=signal.SIGINT))
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+    if stopped:
         print("[sweep] interrupted; rerun the same command to continue", file=out)
         return 130
     if failed:
@@ -555,7 +512,7 @@ def status_rows(sweep: Sweep) -> list[dict]:
     rows = []
     for r in runs:
         rec = index.records[r.key]
-        steps, val = run_progress(r.out_dir)
+        steps, val = r.dir.progress()
         rows.append({"name": r.name, "id": r.id, "state": rec["state"], "steps": steps, "val_loss": val,
                      "returncode": rec["returncode"], "out_dir": str(r.out_dir)})  # fmt: skip
     return rows
@@ -568,55 +525,3 @@ def format_table(rows: list[dict], cols: list[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
-
-
-# -- CLI -----------------------------------------------------------------------------------
-def add_cli(subparsers) -> argparse.ArgumentParser:
-    """Register ``xatl-ds sweep run|status``."""
-    p = subparsers.add_parser("sweep", help="expand a sweep YAML into runs and launch them",
-                              description="Scaling sweeps: a grid of run configs launched through deepspeed.")  # fmt: skip
-    sub = p.add_subparsers(dest="sweep_command", required=True, metavar="SUBCOMMAND")
-    r = sub.add_parser("run", help="launch every unfinished run (finished ones are skipped, broken ones resume)")
-    r.add_argument("file", help="sweep YAML")
-    r.add_argument("--dry-run", action="store_true", help="print the deepspeed command of every run and exit")
-    r.add_argument("--max-parallel", type=int, default=1,
-                   help="concurrent runs (distinct master ports; on GPUs distinct --include device blocks)")  # fmt: skip
-    add_opts_cli(r)
-    r.set_defaults(func=_cli_run)
-    s = sub.add_parser("status", help="table of runs: state, steps done, last val loss")
-    s.add_argument("file", help="sweep YAML")
-    s.set_defaults(func=_cli_status)
-    return p
-
-
-def _cli_run(args: argparse.Namespace) -> int:
-    from .launch import opts_from_args
-
-    try:
-        sweep = load_sweep(args.file)
-        return run_sweep(sweep, opts_from_args(args), max_parallel=args.max_parallel, dry_run=args.dry_run)
-    except SweepError as e:
-        print(f"xatl-ds sweep: {e}", file=sys.stderr)
-        return 2
-
-
-def _cli_status(args: argparse.Namespace) -> int:
-    try:
-        rows = status_rows(load_sweep(args.file))
-    except SweepError as e:
-        print(f"xatl-ds sweep: {e}", file=sys.stderr)
-        return 2
-    print(format_table(rows, ["name", "id", "state", "steps", "val_loss", "returncode"]))
-    counts = {s: sum(r["state"] == s for r in rows) for s in STATES}
-    print(", ".join(f"{n} {s}" for s, n in counts.items()))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m xatl_ds.sweep run|status FILE`` (the same as ``xatl-ds sweep``)."""
-    from .cli import subcommand_main
-
-    return subcommand_main("sweep", argv)
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import sys
 import time
 from pathlib import Path
@@ -31,11 +30,8 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, RunConfig, ds_config_path, load_run_config
+from .rundir import RunDir, RunLocked
 from .sizes import get_size
-
-DONE = "DONE"
-CKPT_DIR = "checkpoints"
-METRICS = "metrics.jsonl"
 
 
 # -- process set-up --------------------------------------------------------------------
@@ -48,12 +44,6 @@ def _setup_threads() -> None:
         torch.set_num_threads(n)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed() -> tuple[int, int, torch.device]:
     """Start torch.distributed through DeepSpeed (gloo on CPU, NCCL on CUDA)."""
     import deepspeed
@@ -61,7 +51,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if "RANK" not in os.environ:  # plain `python -m xatl_ds.train`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        from .executor import free_port
+
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -107,7 +99,6 @@ def build_ds_config(cfg: RunConfig, world: int, precision: str) -> dict:
 def build_model(cfg: RunConfig, vocab_size: int):
     """Returns (model, transfer report as a dict, or None for scratch runs)."""
     from .models import XatlConfig, XatlForCausalLM
-    from .models.components import COMPONENTS
 
     m = cfg.model
     ssm = dict(d_state=m.d_state, d_conv=m.d_conv, expand=m.expand, mamba2_headdim=m.mamba2_headdim,
@@ -133,8 +124,7 @@ def build_model(cfg: RunConfig, vocab_size: int):
             f"{vocab_size} ids: prepare the data with the source's tokenizer (xatl-ds data prepare --tokenizer SRC)"
         )
     model = XatlForCausalLM(mc)
-    default = list(cfg.init.components) == list(COMPONENTS)
-    report = transfer(src.model, model, components=None if default else cfg.init.components, strict=cfg.init.strict)
+    report = transfer(src.model, model, cfg.init.components, strict=cfg.init.strict, mixer_init=cfg.init.mixer)
     del src
     return model, report.to_dict()
 
@@ -173,6 +163,7 @@ class Trainer:
 
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.out = Path(cfg.out_dir)
+        self.rundir = RunDir(cfg.out_dir)
         self.train_data = PackedTokens(cfg.data.path, "train")
         self.val_data = PackedTokens(cfg.data.path, "val")
         self.micro, self.gas = cfg.batch_layout(world)
@@ -264,7 +255,7 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------
     def ckpt_dir(self) -> Path:
-        return self.out / CKPT_DIR
+        return self.rundir.checkpoints
 
     def save_checkpoint(self) -> None:
         tag = f"step{self.step:08d}"
@@ -281,13 +272,14 @@ class Trainer:
         torch.distributed.barrier()
 
     def maybe_resume(self) -> bool:
-        latest = self.ckpt_dir() / "latest"
-        if not latest.is_file():
+        from .checkpoint import load_for_resume
+
+        # DeepSpeed's own loader unpickles with weights_only=False: a copied run folder could
+        # execute code. load_for_resume reads every file weights_only=True (CheckpointError if not).
+        loaded = load_for_resume(self.engine, self.ckpt_dir())
+        if loaded is None:
             return False
-        path, client = self.engine.load_checkpoint(str(self.ckpt_dir()))
-        if path is None:
-            raise RuntimeError(f"checkpoint {latest.read_text().strip()} in {self.ckpt_dir()} could not be loaded")
-        st = client["xatl"]
+        st = loaded[1]["xatl"]
         if st["config_hash"] != self.cfg.content_hash():
             raise ConfigError(
                 f"{self.out} holds checkpoints of a different run config (hash {st['config_hash']} != "
@@ -297,7 +289,7 @@ class Trainer:
         self.last_val = st["last_val"]
         self.ctrl.load_state_dict(st["freeze"])
         if self.rank == 0:
-            _truncate_metrics(self.out / METRICS, self.step)
+            self.rundir.truncate_metrics(self.step)
         return True
 
     # -- evaluation ------------------------------------------------------------------------
@@ -339,11 +331,9 @@ class Trainer:
     def train(self) -> None:
         cfg = self.cfg
         resumed = self.maybe_resume()
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            if not resumed:
-                (self.out / METRICS).write_text("")
-        metrics = open(self.out / METRICS, "a") if self.rank == 0 else None
+        if self.rank == 0 and not resumed:
+            self.rundir.start_metrics()
+        metrics = open(self.rundir.metrics, "a") if self.rank == 0 else None
         bar = _progress(self, resumed)
         comm = self._comm_device()
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
@@ -426,8 +416,8 @@ class Trainer:
             from .export import is_plain_transformer, to_native
             from .models import XatlForCausalLM
 
-            hf = self.out / "hf"
-            tmp = self.out / "hf.tmp"
+            hf = self.rundir.hf
+            tmp = hf.with_name(hf.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             model = XatlForCausalLM(self.model_config)
             model.load_state_dict(state)
@@ -447,8 +437,8 @@ class Trainer:
                 "world_size": self.world, "zero_stage": self.zero_stage, "precision": self.precision,
                 "export_format": "native" if native else "xatl", "versions": _versions(),
             }  # fmt: skip
-            (self.out / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-            (self.out / DONE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+            self.rundir.write_json(RunDir.META, meta)
+            self.rundir.mark_done()
         torch.distributed.barrier()
 
 
@@ -475,20 +465,6 @@ class _gathered:
         if self.ctx:
             return self.ctx.__exit__(*exc)
         return False
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from (they will be recomputed)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError):
-            break  # a torn last line from a kill
-    path.write_text("".join(x + "\n" for x in keep))
 
 
 def _progress(tr: Trainer, resumed: bool):
@@ -535,21 +511,37 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"xatl_ds.train: bad config: {e}", file=sys.stderr)
         return 2
-    out = Path(cfg.out_dir)
-    if (out / DONE).is_file():
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"[{cfg.name}] already finished ({out / DONE}); nothing to do")
+    rd = RunDir(cfg.out_dir)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    try:
+        finished = check_finished(rd, cfg)
+    except ConfigError as e:
+        print(f"xatl_ds.train: {e}", file=sys.stderr)
+        return 2
+    if finished:
+        if rank0:
+            print(f"[{cfg.name}] already finished ({rd.done_path}); nothing to do")
         return 0
+    from .executor import watch_owner
+
+    watch_owner()  # this rank ends when whoever launched the run is gone
+    lock = None
+    if rank0:
+        try:
+            lock = rd.acquire_lock()  # released by the kernel if this process dies
+        except RunLocked as e:
+            print(f"xatl_ds.train: {e}", file=sys.stderr)
+            return 3
     _setup_threads()
     rank, world, device = init_distributed()
     try:
         cfg.batch_layout(world)
         trainer = Trainer(cfg, rank, world, device)
         if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(cfg.to_yaml())
+            rd.path.mkdir(parents=True, exist_ok=True)
+            rd.config.write_text(cfg.to_yaml())
             if trainer.transfer_report:
-                (out / "transfer.json").write_text(json.dumps(trainer.transfer_report, indent=1))
+                rd.write_json(RunDir.TRANSFER, trainer.transfer_report)
         trainer.train()
     except ConfigError as e:
         print(f"xatl_ds.train: bad config: {e}", file=sys.stderr)
@@ -557,7 +549,26 @@ def main(argv=None) -> int:
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        if lock is not None:
+            lock.release()
     return 0
+
+
+def check_finished(rd: RunDir, cfg: RunConfig) -> bool:
+    """Whether ``rd`` holds this config's finished run. A finished run of a *different*
+    config (edited since) is a ConfigError: its results would be taken for this one's."""
+    if not rd.is_done():
+        return False
+    try:
+        done_hash = rd.meta().get("config_hash")
+    except ValueError as e:
+        raise ConfigError(f"{e}; or delete {rd.done_path} to train the run again") from None
+    if done_hash is not None and done_hash != cfg.content_hash():
+        raise ConfigError(
+            f"{rd.path} holds a finished run of a different config (hash {done_hash}, this config "
+            f"{cfg.content_hash()}): use another out_dir, or delete {rd.path} to train it again"
+        )
+    return True
 
 
 if __name__ == "__main__":

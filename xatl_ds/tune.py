@@ -33,39 +33,46 @@ studies cannot prune (Optuna does not support it); single-objective ones report 
 validation loss as it is logged (``trial.report(val_loss, step)``) and stop a pruned trial's
 process group (SIGTERM, SIGKILL after ``stop_grace`` seconds).
 
+Sampling: each worker's sampler draws independently of the others. A ``sampler.seed`` is
+combined with the worker id and the number of trials the study already holds, so two workers
+(or a restarted one) never replay one sequence of draws, and a fresh single-worker study is
+still reproducible.
+
+Sources: ``source:`` is placed like a sweep's (``<out_dir>/runs/<name>-<hash>/``, see
+:func:`xatl_ds.runspec.source_spec`) and trained once by the first worker.
+
 Crash safety: RDB storages (sqlite, PostgreSQL, MySQL) get Optuna's heartbeat; a worker that
 dies mid-trial leaves a RUNNING trial whose heartbeat goes stale; the next worker marks it
 FAIL and ``RetryFailedTrialCallback`` queues a retry with the same parameters, which trains in
 the failed trial's directory (so the trainer resumes from its last checkpoint). Optuna 5's
 journal storage has no heartbeat: there each worker records its host and pid on its trials,
 and a starting worker fails (and retries) RUNNING trials whose worker on this host is gone.
-The trial's launcher dies with its worker (``PR_SET_PDEATHSIG`` on Linux).
+The trial's process group dies with its worker (:mod:`xatl_ds.executor`), and a retry starts
+only once the run directory's lock is free, so a trial never trains twice at once.
 
 ``best.yaml`` in ``out_dir``: the best trial as a runnable run config. Every trial records
 ``run_dir`` (and ``config``) as user attrs, so analysis can join trials with sweep runs.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import ctypes
+import hashlib
 import json
 import math
 import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .launch import LaunchOptions, add_opts_cli, deepspeed_command, train_env
-from .sweep import SOURCE_REF, SweepError, _SOURCE_INHERITS, set_dotted, stop_process_group
+from .executor import Launch, LaunchOptions, RunLocked, check_free, deepspeed_command, train_env, with_port
+from .rundir import RunDir, pid_alive
+from .runspec import SOURCE_REF, PlanError, RunSpec, source_spec
 
 OBJECTIVES = ("val_loss", "flops_to_target")
 _STUDY_KEYS = {"study_name", "storage", "out_dir", "n_trials", "base", "source", "search_space", "objective",
@@ -131,10 +138,10 @@ def load_study(source: str | Path | dict) -> StudySpec:
     target = obj.get("target_loss")
     if "flops_to_target" in metrics and target is None:
         raise StudyError("objective.metrics has flops_to_target: set objective.target_loss (a val loss to reach)")
-    launch = data.get("launch") or {}
-    lnames = {f.name for f in fields(LaunchOptions)}
-    if set(launch) - lnames:
-        raise StudyError(f"launch: unknown option(s) {sorted(set(launch) - lnames)}; valid: {sorted(lnames)}")
+    try:
+        launch = LaunchOptions.from_dict(data.get("launch"), "launch")
+    except ValueError as e:
+        raise StudyError(str(e)) from None
     pruner = data.get("pruner") or {"type": "none"}
     sampler = data.get("sampler") or {"type": "tpe", "seed": 0}
     hb = {"interval": 60, "grace_period": 180, "max_retry": 2, **(data.get("heartbeat") or {})}
@@ -142,7 +149,7 @@ def load_study(source: str | Path | dict) -> StudySpec:
         study_name=name, storage=str(storage), root=Path(data.get("out_dir") or f"runs/studies/{name}"),
         base=data.get("base") or {}, search_space=space, metrics=metrics, target_loss=target,
         n_trials=int(data.get("n_trials", 10)), source=data.get("source"), pruner=pruner, sampler=sampler,
-        heartbeat=hb, launch=LaunchOptions(**launch), trial_command=data.get("trial_command"),
+        heartbeat=hb, launch=launch, trial_command=data.get("trial_command"),
         stop_grace=float(data.get("stop_grace", 30.0)), max_failures=int(data.get("max_failures", 3)), path=path,
     )  # fmt: skip
     make_pruner(spec), make_sampler(spec)  # fail now on bad options
@@ -185,7 +192,7 @@ def _validate_space(spec: StudySpec) -> None:
     def check(params: dict, what: str) -> None:
         try:
             load_run_config(trial_config(spec, params, 0))
-        except (ConfigError, SweepError) as e:
+        except (ConfigError, PlanError) as e:
             raise StudyError(f"{what}: {e}") from None
 
     low = {k: _param_values(v)[0] for k, v in spec.search_space.items()}
@@ -195,28 +202,29 @@ def _validate_space(spec: StudySpec) -> None:
             check({**low, key: v}, f"search_space.{key}={v!r}")
 
 
-def source_run(spec: StudySpec):
-    """The study's source run (a :class:`xatl_ds.sweep.SweepRun`), or None."""
-    if spec.source is None:
-        return None
-    from .sweep import Sweep, expand
-
-    sw = Sweep(name=spec.study_name, root=spec.root, base=spec.base, axes=[], source=spec.source)
-    sw_base = copy.deepcopy(spec.base)
-    sw.base = {k: sw_base[k] for k in _SOURCE_INHERITS if k in sw_base}
-    return expand(sw)[0]
+def source_run(spec: StudySpec) -> RunSpec | None:
+    """The study's source run, placed as a sweep places its source; None without one."""
+    try:
+        return source_spec(spec.root, spec.base, spec.source)
+    except PlanError as e:
+        raise StudyError(str(e)) from None
 
 
 def trial_config(spec: StudySpec, params: dict, number: int) -> dict:
     """The run config (a dict) of trial ``number`` with sampled ``params`` (already mapped
     from choice names to values)."""
+    from .config import ConfigError, set_dotted
+
     cfg = copy.deepcopy(spec.base)
     for k, v in params.items():
-        set_dotted(cfg, k, v)
+        try:
+            set_dotted(cfg, k, v)
+        except ConfigError as e:
+            raise StudyError(f"search_space.{k}: {e}") from None
     if (cfg.get("init") or {}).get("source") == SOURCE_REF:
         if spec.source is None:
             raise StudyError(f"base init.source is {SOURCE_REF!r} but the study has no source: section")
-        cfg["init"]["source"] = str(spec.root / "source" / "hf")
+        cfg["init"]["source"] = str(source_run(spec).dir.hf)
     cfg["name"] = f"{spec.study_name}-t{number}"
     cfg["out_dir"] = str(spec.root / "trials" / f"{number:04d}")
     return cfg
@@ -294,11 +302,22 @@ def make_pruner(spec: StudySpec):
     raise StudyError(f"pruner.type={kind!r} is unknown; choose median, hyperband or none")
 
 
-def make_sampler(spec: StudySpec):
+def worker_seed(seed: int, worker_id: str, n_existing: int) -> int:
+    """A sampler seed of its own for each (worker, study size at start): ``seed`` keeps a study
+    reproducible; the worker id and the trials already there keep workers and restarts from
+    replaying each other's draws."""
+    h = hashlib.sha256(f"{seed}/{worker_id}/{n_existing}".encode()).digest()
+    return int.from_bytes(h[:4], "little")
+
+
+def make_sampler(spec: StudySpec, worker_id: str | None = None, n_existing: int = 0):
+    """The configured sampler; with ``worker_id`` its seed is made the worker's own."""
     import optuna
 
     opts = dict(spec.sampler)
     kind = opts.pop("type", "tpe")
+    if worker_id is not None and opts.get("seed") is not None:
+        opts["seed"] = worker_seed(int(opts["seed"]), worker_id, n_existing)
     try:
         if kind == "tpe":
             return optuna.samplers.TPESampler(**opts)
@@ -309,15 +328,31 @@ def make_sampler(spec: StudySpec):
     raise StudyError(f"sampler.type={kind!r} is unknown; choose tpe or random")
 
 
-def open_study(spec: StudySpec):
-    """Create or load (``load_if_exists``) the study."""
+def open_study(spec: StudySpec, worker_id: str | None = None):
+    """Create or load (``load_if_exists``) the study; ``worker_id`` gives the sampler the
+    worker's own seed (see :func:`worker_seed`)."""
     import optuna
 
     directions = ["minimize"] * len(spec.metrics)
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=spec.study_name, storage=make_storage(spec), sampler=make_sampler(spec),
         pruner=make_pruner(spec), directions=directions, load_if_exists=True,
     )  # fmt: skip
+    if worker_id is not None:
+        study.sampler = make_sampler(spec, worker_id, len(study.get_trials(deepcopy=False)))
+    return study
+
+
+def heartbeat_interval(study) -> int | None:
+    """The storage's heartbeat interval, or None when it has none (journal storage). Optuna
+    wraps an RDBStorage in a cache that still implements the heartbeat: ask the interface."""
+    from optuna.storages import RDBStorage
+
+    st = study._storage
+    backend = getattr(st, "_backend", st)
+    if not isinstance(backend, RDBStorage):
+        return None
+    return st.get_heartbeat_interval() if hasattr(st, "get_heartbeat_interval") else None
 
 
 def suggest(trial, spec: StudySpec) -> dict:
@@ -364,47 +399,17 @@ def _count(study, before: int | None = None) -> int:
                for t in study.get_trials(deepcopy=False))  # fmt: skip
 
 
-def _prctl():
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-def _child_setup(prctl) -> Any:
-    """A pre-exec hook: a new session (its own process group) that gets SIGTERM when the
-    worker dies. ``prctl`` is resolved in the parent: the forked child only calls it."""
-
-    def setup() -> None:
-        os.setsid()
-        if prctl is not None:
-            prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-
-    return setup
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Worker:
     """Runs trials of one study until it has ``n_trials`` COMPLETE/PRUNED/RUNNING trials."""
 
     def __init__(self, spec: StudySpec, opts: LaunchOptions | None = None, worker_id: str | None = None,
                  poll: float = 0.5, log=None):  # fmt: skip
         self.spec = spec
-        d = asdict(spec.launch)
-        for k, v in asdict(opts or LaunchOptions()).items():
-            if v not in (None, []):
-                d[k] = v
-        self.opts = LaunchOptions(**d)
+        self.opts = spec.launch.merged(opts)
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.poll = poll
         self.log = log or sys.stdout
-        self.proc: subprocess.Popen | None = None
-        self._prctl = _prctl() if sys.platform.startswith("linux") else None
+        self.launched: Launch | None = None
         self._finished: list = []
 
     def say(self, msg: str) -> None:
@@ -415,16 +420,18 @@ class Worker:
         if self.spec.trial_command:
             return [str(x).format(config=config_path, out_dir=out_dir, trial=number, python=sys.executable)
                     for x in self.spec.trial_command]  # fmt: skip
-        opts = LaunchOptions(**asdict(self.opts))
-        if not opts.master_port and not opts.hostfile:
-            opts.master_port = _free_port()  # several workers on one node
-        return deepspeed_command(config_path, opts)
+        return deepspeed_command(config_path, with_port(self.opts))  # a free port: several workers on one node
 
-    def launch(self, cmd: list[str], log_path: Path) -> subprocess.Popen:
+    def launch(self, cmd: list[str], log_path: Path, run_dir: Path) -> Launch:
+        """Start a trial's (or the source's) process group once no live trainer holds its run
+        directory (a retry may find its dead predecessor's orphan still stopping)."""
+        try:
+            check_free(run_dir, wait=30.0)
+        except RunLocked as e:
+            raise TrialFailed(str(e)) from None
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a") as log:
-            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=train_env(),
-                                    preexec_fn=_child_setup(self._prctl))  # fmt: skip
+            return Launch(cmd, log=log, env=train_env()).start()
 
     def ensure_source(self, study) -> None:
         """Train the study's source run once (a file lock keeps concurrent workers to one)."""
@@ -433,19 +440,21 @@ class Worker:
             return
         import fcntl
 
-        out = self.spec.root / "source"
-        src.config["out_dir"] = str(out)
         self.spec.root.mkdir(parents=True, exist_ok=True)
+        log = self.spec.root / "logs" / f"{src.key}.log"
         with open(self.spec.root / "source.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if (out / "DONE").is_file():
+            fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent workers: one trains, the others wait
+            if src.dir.is_done():
                 return
-            cfg_path = self.spec.root / "source.yaml"
-            cfg_path.write_text(yaml.safe_dump(src.config, sort_keys=False))
-            self.say(f"training the source run in {out}")
-            proc = self.launch(self.command(cfg_path, out, -1), self.spec.root / "source.log")
-            if proc.wait() != 0 or not (out / "DONE").is_file():
-                raise StudyError(f"the source run failed (exit code {proc.returncode}); see {self.spec.root / 'source.log'}")
+            cfg_path = src.write_config()
+            self.say(f"training the source run in {src.out_dir}")
+            try:
+                ln = self.launch(self.command(cfg_path, src.out_dir, -1), log, src.out_dir)
+            except TrialFailed as e:
+                raise StudyError(f"the source run cannot start: {e}") from None
+            rc = ln.wait()
+            if rc != 0 or not src.dir.is_done():
+                raise StudyError(f"the source run failed (exit code {rc}); see {log}")
 
     def objective(self, trial):
         import optuna
@@ -470,39 +479,28 @@ class Worker:
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
         self.say(f"trial {trial.number}: {params} -> {out}")
-        proc = self.proc = self.launch(self.command(cfg_path, out, trial.number), out.parent / f"{out.name}.log")
-        metrics = out / "metrics.jsonl"
-        pos, buf, reported = 0, "", set()
+        ln = self.launched = self.launch(self.command(cfg_path, out, trial.number), out.parent / f"{out.name}.log", out)
+        tail = RunDir(out).tail()
         multi = len(spec.metrics) > 1
         try:
             while True:
-                rc = proc.poll()
-                if metrics.is_file():
-                    with open(metrics) as f:
-                        if pos > os.path.getsize(metrics):  # truncated by a resume: start over
-                            pos, buf = 0, ""
-                        f.seek(pos)
-                        buf += f.read()
-                        pos = f.tell()
-                    *lines, buf = buf.split("\n")
-                    for line in lines:
-                        row = _row(line)
-                        if row is None or row.get("val_loss") is None or multi or row["step"] in reported:
-                            continue
-                        reported.add(row["step"])
-                        trial.report(float(row["val_loss"]), int(row["step"]))
-                        if trial.should_prune():
-                            self.say(f"trial {trial.number}: pruned at step {row['step']} (val loss {row['val_loss']:.4f})")
-                            stop_process_group(proc, grace=spec.stop_grace)
-                            raise optuna.TrialPruned(f"val_loss {row['val_loss']} at step {row['step']}")
+                rc = ln.poll()
+                for row in tail.new_rows():
+                    if row.get("val_loss") is None or multi:
+                        continue
+                    trial.report(float(row["val_loss"]), int(row["step"]))
+                    if trial.should_prune():
+                        self.say(f"trial {trial.number}: pruned at step {row['step']} (val loss {row['val_loss']:.4f})")
+                        ln.stop(grace=spec.stop_grace)
+                        raise optuna.TrialPruned(f"val_loss {row['val_loss']} at step {row['step']}")
                 if rc is not None:
                     break
                 time.sleep(self.poll)
         finally:
-            if proc.poll() is None:  # an exception in the worker: do not leave the run behind
-                stop_process_group(proc, grace=spec.stop_grace)
-            self.proc = None
-        if rc != 0 or not (out / "DONE").is_file():
+            if ln.poll() is None:  # an exception in the worker: do not leave the run behind
+                ln.stop(grace=spec.stop_grace)
+            self.launched = None
+        if rc != 0 or not RunDir(out).is_done():
             raise TrialFailed(f"trial {trial.number}: the run exited with code {rc}; see {out.parent / (out.name + '.log')}")
         values = objective_values(out, spec)
         self.say(f"trial {trial.number}: {dict(zip(spec.metrics, values))}")
@@ -512,15 +510,14 @@ class Worker:
         """Journal storage (no heartbeat): fail and retry RUNNING trials whose worker on this
         host is gone."""
         import optuna
-        from optuna.storages import RDBStorage
 
-        if isinstance(study._storage, RDBStorage):
+        if heartbeat_interval(study):
             return
         host = socket.gethostname()
         retry = _retry_callback()[0](max_retry=int(self.spec.heartbeat["max_retry"]))
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             pid = t.user_attrs.get("pid")
-            if t.user_attrs.get("host") != host or pid is None or _alive(pid):
+            if t.user_attrs.get("host") != host or pid is None or pid_alive(pid):
                 continue
             try:
                 study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
@@ -542,12 +539,12 @@ class Worker:
     def _run(self, n_trials: int | None) -> int:
         import optuna
 
-        study = open_study(self.spec)
+        study = open_study(self.spec, self.worker_id)
         if n_trials is not None:
             self.spec.n_trials = n_trials
         self.ensure_source(study)
         done, failures = 0, 0
-        heartbeat = isinstance(study._storage, optuna.storages.RDBStorage) and study._storage.get_heartbeat_interval()
+        heartbeat = heartbeat_interval(study)
         while True:
             self.fail_dead_local_trials(study)
             optuna.storages.fail_stale_trials(study)  # queues retries of trials whose worker died
@@ -575,27 +572,9 @@ class Worker:
         return done
 
 
-def _alive(pid: Any) -> bool:
-    try:
-        os.kill(int(pid), 0)
-        return True
-    except (TypeError, ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-
-
-def _row(line: str) -> dict | None:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return row if isinstance(row, dict) and "step" in row else None
-
-
 def objective_values(run_dir: Path, spec: StudySpec) -> list[float]:
     """The objective values of a finished run (from its metrics.jsonl)."""
-    rows = [r for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if (r := _row(line))]
+    rows = RunDir(run_dir).read_metrics()
     evals = [r for r in rows if r.get("val_loss") is not None]
     if not evals:
         raise TrialFailed(f"{run_dir}: no validation loss was logged")
@@ -627,47 +606,3 @@ def write_best(study, spec: StudySpec) -> Path | None:
             f"# params: {json.dumps(best.params)}\n")  # fmt: skip
     path.write_text(head + yaml.safe_dump(cfg, sort_keys=False))
     return path
-
-
-# -- CLI -----------------------------------------------------------------------------------
-def add_cli(subparsers) -> argparse.ArgumentParser:
-    """Register ``xatl-ds tune``."""
-    p = subparsers.add_parser("tune", help="run an Optuna study (one worker; start several for parallel trials)",
-                              description="Optuna study over LIT settings: each trial trains through deepspeed.")  # fmt: skip
-    p.add_argument("file", help="study YAML")
-    p.add_argument("--storage", help="override the storage: an RDB URL or journal:PATH")
-    p.add_argument("--n-trials", type=int, help="trials the study should reach, all workers together (0: write best.yaml)")
-    p.add_argument("--worker-id", help="name of this worker in logs and trial attrs (default host-pid)")
-    add_opts_cli(p)
-    p.set_defaults(func=_cli)
-    return p
-
-
-def _cli(args: argparse.Namespace) -> int:
-    from .launch import opts_from_args
-
-    try:
-        spec = load_study(args.file)
-        if args.storage:
-            spec.storage = args.storage
-        worker = Worker(spec, opts_from_args(args), worker_id=args.worker_id)
-        worker.run(args.n_trials)
-    except StudyError as e:
-        print(f"xatl-ds tune: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # the running trial is FAIL and its process group stopped
-        print("[tune] interrupted; rerun the same command to continue the study", file=sys.stderr)
-        return 130
-    best = spec.root / "best.yaml"
-    print(f"[tune] study {spec.study_name}: best config {best if best.is_file() else '(none yet)'}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m xatl_ds.tune FILE ...`` (the same as ``xatl-ds tune``)."""
-    from .cli import subcommand_main
-
-    return subcommand_main("tune", argv)
-
-if __name__ == "__main__":
-    sys.exit(main())
