@@ -15,10 +15,17 @@ import pytest
 import torch
 
 from xatl_ds import data as D
-from xatl_ds.data import DataError, PackedTokens, PrepareConfig, prepare
+from xatl_ds.data import DataError, PackedTokens, PrepareConfig, packing, prepare
+from xatl_ds.data.layout import sha256_file
 
 SMALL = dict(max_chars=12_000, vocab_size=400, val_frac=0.1, test_frac=0.1, unit_chars=1024)
 FILES = ("train.bin", "val.bin", "test.jsonl")
+
+
+def cli_main(argv: list[str]) -> int:
+    from xatl_ds.cli import main
+
+    return main(["data", *argv])
 
 
 def _cfg(out: Path, **kw) -> PrepareConfig:
@@ -92,12 +99,12 @@ def test_meta_and_layout(small_ds):
     assert [s["name"] for s in meta["sources"]] == [f"builtin/{f}" for f in D.BUILTIN_FILES]
     for s in meta["sources"]:
         assert s["chars"] == SMALL["max_chars"]
-        assert s["sha256"] == D._sha256_file(D.BUILTIN_CORPUS_DIR / s["name"].split("/")[1])
+        assert s["sha256"] == sha256_file(D.BUILTIN_CORPUS_DIR / s["name"].split("/")[1])
     for split in ("train", "val"):
         size = (small_ds / f"{split}.bin").stat().st_size
         assert size == 2 * meta["splits"][split]["tokens"] > 0
     assert meta["splits"]["test"]["units"] > 0
-    assert meta["content_sha256"]["train.bin"] == D._sha256_file(small_ds / "train.bin")
+    assert meta["content_sha256"]["train.bin"] == sha256_file(small_ds / "train.bin")
     assert not list(small_ds.parent.glob(".small.tmp-*"))  # no temp dir left behind
     # every run of train ends with EOS, and EOS appears nowhere else
     tokens = np.fromfile(small_ds / "train.bin", dtype=np.uint16)
@@ -122,7 +129,7 @@ def test_rerun_is_a_noop_and_changed_inputs_error(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("rebuilt although the inputs did not change")
 
-    monkeypatch.setattr(D, "_build", boom)
+    monkeypatch.setattr(packing, "_build", boom)
     assert prepare(_cfg(out, max_chars=4000)) == meta
     assert {n: (out / n).stat().st_mtime_ns for n in FILES} == before
     with pytest.raises(DataError, match="--overwrite"):
@@ -150,7 +157,7 @@ def test_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path, monkey
     def killed(self):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(D._ShardWriter, "close", killed)
+    monkeypatch.setattr(packing._ShardWriter, "close", killed)
     with pytest.raises(KeyboardInterrupt):
         prepare(_cfg(out, max_chars=3000))
     assert not out.exists() and not list(tmp_path.iterdir())
@@ -374,10 +381,10 @@ def test_cli_prepare_and_info(tmp_path, capsys):
     out = tmp_path / "cli"
     argv = ["prepare", "--out", str(out), "--max-chars", "3000", "--vocab-size", "300",
             "--val-frac", "0.1", "--test-frac", "0.1", "--corpus", "builtin"]  # fmt: skip
-    assert D.main(argv) == 0
+    assert cli_main(argv) == 0
     assert "train" in capsys.readouterr().out and (out / "meta.json").is_file()
-    assert D.main(["info", str(out)]) == 0
+    assert cli_main(["info", str(out)]) == 0
     assert "builtin/kjv.txt.gz" in capsys.readouterr().out
-    assert D.main([*argv, "--seed", "9"]) == 2
+    assert cli_main([*argv, "--seed", "9"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert os.listdir(tmp_path) == ["cli"]
