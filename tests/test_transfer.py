@@ -1,7 +1,6 @@
 """Weight transfer: config derivation, exact copies, the report, the CLI and bad input."""
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 
@@ -12,7 +11,6 @@ from xatl_ds import XatlConfig, XatlForCausalLM
 from xatl_ds.models.components import COMPONENTS, components_of
 from xatl_ds.transfer import (
     REPORT_FILE,
-    add_cli,
     build_target,
     load_source,
     transfer,
@@ -28,11 +26,10 @@ def _logits(model, ids=IDS):
 
 
 def _cli(argv):
-    """Run the transfer subcommand through argparse, as xatl_ds.cli does."""
-    parser = argparse.ArgumentParser(prog="xatl-ds")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """Run the transfer subcommand as `xatl-ds` does."""
+    from xatl_ds.cli import main
+
+    return main(argv)
 
 
 def _neox_split(src, layer):
@@ -366,3 +363,144 @@ def test_cli_module_main(make_source_dir, capsys):
                      "--components", "none"]) == 0
     out = capsys.readouterr().out
     assert "transferred 0 of" in out and "attention x4" in out
+
+
+# ----------------------------------------------------------------------------- defaults
+@pytest.mark.parametrize("mixer", ["mamba", "mamba2"])
+def test_default_components_given_or_not_behave_the_same(make_source_model, mixer):
+    from xatl_ds.transfer import TransferError
+
+    src = make_source_model("neox")
+    a = transfer(src, build_target(src, mixer, "none", expand=2, seed=0))
+    b = transfer(src, build_target(src, mixer, "none", expand=2, seed=0), components=list(COMPONENTS))
+    assert a.to_dict() == b.to_dict() and "shape mismatch" in b.skipped["attn_out"]
+    assert b.attn_out_mismatch == "skip"
+    # the rule is an explicit parameter, whatever the component list
+    with pytest.raises(TransferError, match=r"cannot transfer component 'attn_out'.*\(32, 64\)"):
+        transfer(src, build_target(src, mixer, "none", expand=2), attn_out_mismatch="error")
+    rep = transfer(src, build_target(src, mixer, "none", expand=2), components=["attn_out", "mlp"], attn_out_mismatch="skip")
+    assert set(rep.copied) == {"mlp"} and rep.attn_out_mismatch == "skip"
+    with pytest.raises(ValueError, match=r"attn_out_mismatch='warn' is unknown"):
+        transfer(src, build_target(src, mixer, "none"), attn_out_mismatch="warn")
+
+
+# ----------------------------------------------------------------------------- export
+@pytest.mark.parametrize("family,overrides", [("neox", {}), ("llama", {}), ("llama", {"tie_word_embeddings": True})])
+def test_native_export_round_trip_is_exact(make_source_model, family, overrides):
+    from xatl_ds.export import to_native
+
+    src = make_source_model(family, **overrides)
+    tgt = build_target(src, "attention", "all", seed=4).eval()
+    transfer(src, tgt)
+    native = to_native(tgt)
+    assert type(native) is type(src)
+    assert (_logits(native) - _logits(tgt)).abs().max() == 0.0
+    # the same adapter table read backwards: the export holds the source's tensors bit for bit
+    want = dict(src.named_parameters(remove_duplicate=False))
+    got = dict(native.named_parameters(remove_duplicate=False))
+    assert set(got) == set(want)
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+
+
+def test_no_import_cycle_and_no_private_imports():
+    """models/ never imports the transfer layer, and the family/transfer/export modules import
+    no underscore name from another module."""
+    import ast
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parent.parent / "xatl_ds"
+    for f in sorted((pkg / "models").glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert "transfer" not in (node.module or ""), f"{f.name} imports {node.module}"
+    mine = [pkg / "families.py", pkg / "export.py", pkg / "models" / "configuration.py", *sorted((pkg / "transfer").glob("*.py"))]
+    assert len(mine) >= 8
+    for f in mine:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{f.name} imports {private} from {node.module}"
+
+
+# ----------------------------------------------------------------------------- source files
+def test_truncated_and_pickle_only_sources_are_named_errors(make_source_dir, tmp_path):
+    import pickle
+
+    from xatl_ds.transfer import SourceLoadError
+
+    path = make_source_dir("neox", tokenizer=False)
+    weights = path / "model.safetensors"
+    blob = weights.read_bytes()
+    weights.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(SourceLoadError, match=rf"{weights.name}' is truncated.*safe_serialization=True"):
+        load_source(path)
+    weights.write_bytes(blob[:5])  # not even the header length
+    with pytest.raises(SourceLoadError, match="is truncated"):
+        load_source(path)
+    config = path / "config.json"
+    config_text = config.read_text()
+    config.write_text(config_text[:40])
+    with pytest.raises(SourceLoadError, match=r"cannot read '.*config\.json'.*not a valid JSON"):
+        load_source(path)
+
+    # pickle only: never unpickled (this one would create a marker file if it were)
+    pick = tmp_path / "pickled"
+    pick.mkdir()
+    (pick / "config.json").write_text(config_text)
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (marker.touch, ())
+
+    (pick / "pytorch_model.bin").write_bytes(pickle.dumps({"w": Payload()}))
+    with pytest.raises(SourceLoadError, match=r"only pickle weights \(pytorch_model\.bin\).*never loads.*safe_serialization=True"):
+        load_source(pick)
+    assert not marker.exists()
+    (pick / "pytorch_model.bin").unlink()
+    with pytest.raises(SourceLoadError, match=r"no weights \(\*\.safetensors\)"):
+        load_source(pick)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def _bpe(vocab_size):
+    """A byte-level BPE trained on a few sentences (a different size -> a different tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["To be, or not to be, that is the question."] * 8 + ["In the beginning."] * 8, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+@pytest.fixture
+def fingerprint(monkeypatch):
+    """xatl_ds.data.tokenizer_fingerprint, or (until the data package has it) a stand-in
+    hashing the serialized tokenizer, so the comparison logic is tested either way."""
+    import hashlib
+
+    import xatl_ds.data as data
+
+    if not hasattr(data, "tokenizer_fingerprint"):
+        monkeypatch.setattr(data, "tokenizer_fingerprint",
+                            lambda tok: hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest(), raising=False)  # fmt: skip
+    return data.tokenizer_fingerprint
+
+
+def test_tokenizer_check(make_source_dir, tiny_tokenizer, fingerprint):
+    from xatl_ds.transfer import TokenizerMismatchError, check_tokenizer_compat
+
+    src = make_source_dir("llama")
+    assert check_tokenizer_compat(src, fingerprint(tiny_tokenizer)) is None
+    other = _bpe(280)
+    assert fingerprint(other) != fingerprint(tiny_tokenizer)
+    with pytest.raises(TokenizerMismatchError, match=r"prepare the data with the source's tokenizer: xatl-ds data prepare --tokenizer "):
+        check_tokenizer_compat(src, fingerprint(other))
+    bare = make_source_dir("llama", tokenizer=False)
+    warning = check_tokenizer_compat(bare, fingerprint(other))
+    assert "has no tokenizer files" in warning and str(bare) in warning

@@ -6,9 +6,12 @@ layer differs (attention, retention or a selective SSM).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Sequence
 
 from transformers import PretrainedConfig
+
+from ..families import check_target_options, source_config_kwargs  # dependency-free: no import cycle
 
 FAMILIES = ("neox", "llama")
 MIXERS = ("attention", "retnet", "mamba", "mamba2")
@@ -169,9 +172,8 @@ class XatlConfig(PretrainedConfig):
         tied embeddings and special token ids come from the source; ``mixer``,
         ``attention_layers`` and mixer options (``d_state``, ``d_conv``, ``expand``, ...) from
         the caller. ValueError for an unsupported source or an option the source fixes."""
-        from ..transfer import check_target_options, source_config_kwargs  # lazy: transfer imports this module
-
-        check_target_options(ssm_options)
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs", "mixer", "attention_layers"}
+        check_target_options(ssm_options, accepted)
         return cls(**source_config_kwargs(source_config), mixer=mixer, attention_layers=attention_layers, **ssm_options)
 
     # -- derived -------------------------------------------------------------------
