@@ -3,13 +3,21 @@
 A run config is a YAML file with the sections below. Every field carries a docstring
 (it becomes the configuration reference in the README). ``load_run_config`` validates
 everything before any work starts and names the offending field in its error.
+
+Also here, because every config reader shares them: the strict YAML reader
+(:func:`read_yaml_source`: duplicate keys and syntax errors named with file, line and
+column), the one dotted-key setter (:func:`set_dotted`) and dict merge rule
+(:func:`merge_dicts`), the DeepSpeed JSON check (:func:`check_ds_config`) and the lookups of
+the folders shipped as package data (:func:`ds_config_path`, :func:`sweep_file_path`).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import hashlib
+import importlib.resources
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -21,8 +29,8 @@ from .freeze import FreezeConfig
 from .models.components import COMPONENTS
 from .models.configuration import KERNEL_MODES, MIXERS, resolve_attention_layers
 from .sizes import SIZES, get_size
+from .transfer.mixer_init import MIXER_INITS
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 
 
 class ConfigError(ValueError):
@@ -55,6 +63,8 @@ class ModelSection:
     """SSM inner width = expand * d_model (mamba, mamba2)."""
     mamba2_headdim: int = 64
     """Mamba-2 head dimension."""
+    mamba2_ngroups: int = 1
+    """Mamba-2 B/C groups (``init.mixer: attention`` needs the source's attention head count)."""
     chunk_size: int = 64
     """Chunk length of the chunked SSD / chunkwise retention forms."""
     kernels: str = "auto"
@@ -76,6 +86,11 @@ class InitSection:
     ``attn_out``, ``attention``). Default: all, the paper's set."""
     strict: bool = True
     """Fail on a shape mismatch of a requested component instead of skipping it."""
+    mixer: str = "random"
+    """How the new (LCI) mixers start: ``random`` (their own init, the paper), ``zero_out``
+    (output projections at 0, so the target starts as the source without those mixers; wins
+    over ``attn_out``) or ``attention`` (from the replaced attention: Mamba-2 V/K/Q -> x/B/C,
+    RetNet Q/K/V; W_O -> the output projection). See ``xatl_ds/transfer/mixer_init.py``."""
 
 
 @dataclass
@@ -123,7 +138,9 @@ class BudgetSection:
     """Training tokens (steps = ceil(tokens / (batch_size * seq_len)))."""
     flops: float | None = None
     """Training FLOPs (analytic, xatl_ds.flops), accumulated as the run goes; the run stops
-    at the first step that reaches it. Compute-matched sweeps use this."""
+    at the first step that reaches it. Compute-matched sweeps use this. The step count is then
+    known only as the run goes, so a ``freeze.steps`` entry beyond the run's end cannot be
+    refused up front (with ``steps`` or ``tokens`` it is): that stage never unfreezes."""
 
 
 @dataclass
@@ -151,7 +168,9 @@ class DeepSpeedSection:
     """DeepSpeed engine settings; batch and precision fields of the JSON are filled in."""
 
     config: str = "zero2.json"
-    """A file in ds_configs/ (zero0.json ... zero3.json, zero3_offload.json) or a path."""
+    """A file in ds_configs/ (zero0.json ... zero3.json, zero3_offload.json; shipped in the
+    package) or a path to a DeepSpeed JSON. Checked up front: valid JSON, known top-level keys,
+    ``zero_optimization.stage`` in 0..3."""
     precision: str = "auto"
     """``auto`` (fp32 on CPU, bf16 on CUDA), ``fp32``, ``bf16`` or ``fp16``."""
 
@@ -201,60 +220,73 @@ class RunConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     # -- validation ------------------------------------------------------------------
-    def validate(self) -> "RunConfig":
+    def validate(self, machine_checks: bool = True) -> "RunConfig":
+        """Check every field; raise :class:`ConfigError` naming the first bad one and the fix.
+        ``machine_checks`` also refuses what this machine cannot run (``model.kernels: cuda``
+        without CUDA); turn it off to validate runs meant for another host."""
         m, i, o, d, b = self.model, self.init, self.optim, self.data, self.budget
+        _check_texts(self)
+        _check_numbers(self)
         if m.size not in SIZES:
             raise ConfigError(f"model.size={m.size!r} is unknown; choose one of {sorted(SIZES)}")
         _choice("model.family", m.family, ("neox", "llama"))
         _choice("model.mixer", m.mixer, MIXERS)
         _choice("model.kernels", m.kernels, KERNEL_MODES)
         _choice("init.kind", i.kind, ("scratch", "xatl"))
+        _choice("init.mixer", i.mixer, MIXER_INITS)
         try:
             resolve_attention_layers(m.attention_layers, get_size(m.size).n_layers if i.kind == "scratch" else 64)
         except ValueError as e:
             raise ConfigError(f"model.attention_layers: {e}") from None
-        for name in ("d_state", "d_conv", "expand", "mamba2_headdim", "chunk_size"):
-            _positive(f"model.{name}", getattr(m, name))
-        if m.vocab_size is not None:
-            _positive("model.vocab_size", m.vocab_size)
         if i.kind == "xatl":
             if not i.source:
                 raise ConfigError("init.source is required with init.kind: xatl (a hub name or a local model dir)")
             bad = [c for c in i.components if c not in COMPONENTS]
             if bad:
                 raise ConfigError(f"init.components has unknown {bad}; valid: {list(COMPONENTS)}")
+            if not i.components:
+                raise ConfigError(
+                    "init.components is empty: an xatl run transfers at least one component "
+                    f"(valid: {list(COMPONENTS)}); use init.kind: scratch to transfer nothing"
+                )
+            twice = sorted({c for c in i.components if i.components.count(c) > 1})
+            if twice:
+                raise ConfigError(f"init.components names {twice} more than once; list each component once")
         elif i.source:
             raise ConfigError("init.source is set but init.kind is 'scratch'; set init.kind: xatl or drop source")
         try:
             self.freeze.validate()
         except ValueError as e:
             raise ConfigError(f"freeze: {e}") from None
-        if o.lr is not None and not o.lr > 0:
-            raise ConfigError(f"optim.lr={o.lr} must be > 0")
-        if not 0 <= o.min_lr_ratio <= 1:
-            raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
-        if o.warmup_steps < 0 or o.weight_decay < 0 or o.grad_clip < 0:
-            raise ConfigError("optim.warmup_steps, optim.weight_decay and optim.grad_clip must be >= 0")
-        if len(o.betas) != 2 or not all(0 <= x < 1 for x in o.betas):
-            raise ConfigError(f"optim.betas={o.betas} must be two numbers in [0, 1)")
-        _positive("data.seq_len", d.seq_len)
-        _positive("data.batch_size", d.batch_size)
-        if d.micro_batch_size is not None:
-            _positive("data.micro_batch_size", d.micro_batch_size)
+        betas = o.betas
+        if not isinstance(betas, list) or len(betas) != 2 or not all(_finite(x) and 0 <= x < 1 for x in betas):
+            raise ConfigError(f"optim.betas={betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+        if d.micro_batch_size is not None and d.batch_size % d.micro_batch_size:
+            raise ConfigError(
+                f"data.micro_batch_size={d.micro_batch_size} does not divide data.batch_size={d.batch_size}; "
+                "choose a divisor of batch_size / world size (or omit it: no accumulation)"
+            )
         set_budgets = [k for k in ("steps", "tokens", "flops") if getattr(b, k) is not None]
         if len(set_budgets) != 1:
             raise ConfigError(
                 f"budget: set exactly one of steps, tokens, flops (got {set_budgets or 'none'})"
             )
-        _positive(f"budget.{set_budgets[0]}", getattr(b, set_budgets[0]))
-        _positive("eval.every", self.eval.every)
-        _positive("eval.batches", self.eval.batches)
-        _positive("checkpoint.every", self.checkpoint.every)
-        _positive("checkpoint.keep", self.checkpoint.keep)
-        _positive("log_every", self.log_every)
+        _check_freeze_steps(self)
         _choice("deepspeed.precision", self.deepspeed.precision, ("auto", "fp32", "bf16", "fp16"))
-        ds_config_path(self.deepspeed.config)  # raises if missing
+        check_ds_config(self.deepspeed.config)
+        if machine_checks:
+            _check_machine(self)
         return self
+
+    def total_steps(self) -> int | None:
+        """The run's optimizer steps when the budget fixes them (``steps`` or ``tokens``);
+        None for a FLOP budget, whose step count is known only as the run goes."""
+        b, d = self.budget, self.data
+        if b.steps is not None:
+            return b.steps
+        if b.tokens is not None:
+            return -(-b.tokens // (d.batch_size * d.seq_len))
+        return None
 
     def batch_layout(self, world_size: int) -> tuple[int, int]:
         """(micro_batch_size, gradient_accumulation_steps) for ``world_size`` ranks."""
@@ -274,14 +306,149 @@ class RunConfig:
         return micro, per_rank // micro
 
 
-def ds_config_path(name: str) -> Path:
-    p = Path(name)
-    if not p.is_absolute() and not p.exists():
-        p = DS_CONFIG_DIR / name
-    if not p.is_file():
-        avail = sorted(x.name for x in DS_CONFIG_DIR.glob("*.json"))
-        raise ConfigError(f"deepspeed.config={name!r} not found; use a path or one of {avail}")
-    return p
+# -- numeric ranges, one row per field ---------------------------------------------------
+@dataclass(frozen=True)
+class NumberRule:
+    """The valid values of one numeric run config field (a ``None`` bound is open)."""
+
+    integer: bool
+    """An int field; otherwise a float field (an int is accepted there too)."""
+    low: float | None = None
+    """Smallest valid value; excluded when ``low_open``."""
+    high: float | None = None
+    """Largest valid value; excluded when ``high_open``."""
+    low_open: bool = False
+    """``low`` itself is invalid (e.g. ``> 0``)."""
+    high_open: bool = False
+    """``high`` itself is invalid (e.g. ``< 1``)."""
+    optional: bool = False
+    """``None`` is valid (the default is taken from elsewhere, or the field is one of a choice)."""
+    hint: str = ""
+    """What the value means or a typical one; appended to the error."""
+
+    def describe(self) -> str:
+        """``an integer >= 1``, ``a finite number in [0, 1]``, ..."""
+        what = "an integer" if self.integer else "a finite number"
+        lo, hi = (None if x is None else f"{x:d}" if self.integer else f"{x:g}" for x in (self.low, self.high))
+        if lo is not None and hi is not None:
+            return f"{what} in {'(' if self.low_open else '['}{lo}, {hi}{')' if self.high_open else ']'}"
+        if lo is not None:
+            return f"{what} {'>' if self.low_open else '>='} {lo}"
+        if hi is not None:
+            return f"{what} {'<' if self.high_open else '<='} {hi}"
+        return what
+
+    def check(self, name: str, value: Any) -> None:
+        if value is None and self.optional:
+            return
+        ok = _finite(value) and not (self.integer and not isinstance(value, int))
+        if ok and self.low is not None:
+            ok = value > self.low if self.low_open else value >= self.low
+        if ok and self.high is not None:
+            ok = value < self.high if self.high_open else value <= self.high
+        if not ok:
+            hint = f" ({self.hint})" if self.hint else ""
+            raise ConfigError(f"{name}={value!r} must be {self.describe()}{hint}")
+
+
+def _int(low: int, hint: str = "", optional: bool = False, high: int | None = None) -> NumberRule:
+    return NumberRule(True, low=low, high=high, optional=optional, hint=hint)
+
+
+#: every numeric field outside ``freeze`` (FreezeConfig.validate owns those); a test checks
+#: that no numeric field of the config dataclasses is missing here
+NUMBER_RULES: dict[str, NumberRule] = {
+    "seed": _int(0, "any non-negative integer, e.g. 0", high=2**63 - 1),
+    "log_every": _int(1, "progress update every N steps"),
+    "model.vocab_size": _int(1, "omit it to take the dataset tokenizer's", optional=True),
+    "model.d_state": _int(1, "SSM state size, e.g. 16"),
+    "model.d_conv": _int(1, "causal conv width, e.g. 4"),
+    "model.expand": _int(1, "inner width = expand * d_model, e.g. 2"),
+    "model.mamba2_headdim": _int(1, "e.g. 64"),
+    "model.mamba2_ngroups": _int(1, "e.g. 1, or the source's head count for init.mixer: attention"),
+    "model.chunk_size": _int(1, "e.g. 64"),
+    "optim.lr": NumberRule(False, low=0, low_open=True, optional=True,
+                           hint="e.g. 3e-4; omit it to take the size table's"),
+    "optim.min_lr_ratio": NumberRule(False, low=0, high=1, hint="the cosine floor as a fraction of lr, e.g. 0.1"),
+    "optim.warmup_steps": _int(0, "0 = no warmup"),
+    "optim.eps": NumberRule(False, low=0, low_open=True, hint="AdamW epsilon, e.g. 1e-8"),
+    "optim.weight_decay": NumberRule(False, low=0, hint="0 = off, e.g. 0.1"),
+    "optim.grad_clip": NumberRule(False, low=0, hint="0 = off, e.g. 1.0"),
+    "data.seq_len": _int(1, "tokens per sequence, e.g. 256"),
+    "data.batch_size": _int(1, "sequences per optimizer step, e.g. 16"),
+    "data.micro_batch_size": _int(1, "omit it for batch_size / world size", optional=True),
+    "budget.steps": _int(1, "set exactly one of steps, tokens, flops", optional=True),
+    "budget.tokens": _int(1, "set exactly one of steps, tokens, flops", optional=True),
+    "budget.flops": NumberRule(False, low=0, low_open=True, optional=True,
+                               hint="e.g. 2.0e12; set exactly one of steps, tokens, flops"),
+    "eval.every": _int(1, "evaluate every N steps"),
+    "eval.batches": _int(1, "validation batches per evaluation"),
+    "checkpoint.every": _int(1, "save every N steps"),
+    "checkpoint.keep": _int(1, "checkpoints kept on disk"),
+}
+
+#: string fields that must not be empty
+_TEXTS = ("name", "out_dir", "data.path", "deepspeed.config")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _check_numbers(cfg: "RunConfig") -> None:
+    for name, rule in NUMBER_RULES.items():
+        rule.check(name, _get(cfg, name))
+
+
+def _check_texts(cfg: "RunConfig") -> None:
+    for name in _TEXTS:
+        v = _get(cfg, name)
+        if not isinstance(v, str) or not v.strip():
+            raise ConfigError(f"{name}={v!r} must be a non-empty string")
+
+
+def _check_freeze_steps(cfg: "RunConfig") -> None:
+    """A ``fixed`` unfreeze step at or past the run's end would silently never release its
+    stage. Known only for step and token budgets (see ``budget.flops``)."""
+    fr, total = cfg.freeze, cfg.total_steps()
+    if cfg.init.kind != "xatl" or fr.policy != "fixed" or total is None:
+        return
+    budget = "budget.steps" if cfg.budget.steps is not None else "budget.tokens"
+    for j, s in enumerate(fr.steps):
+        if s >= total:
+            raise ConfigError(
+                f"freeze.steps[{j}]={s} is not before the end of the run ({total} steps from {budget}): "
+                f"that stage would never unfreeze; choose steps below {total} or a longer budget"
+            )
+
+
+def _check_machine(cfg: "RunConfig") -> None:
+    """What this machine cannot run (only ``model.kernels: cuda`` so far)."""
+    if cfg.model.kernels == "cuda":
+        import torch  # only here: everything else in this module runs without torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "model.kernels='cuda' needs CUDA, but torch.cuda.is_available() is False on this "
+                "machine; use kernels: auto (CUDA kernels where available) or torch"
+            )
+
+
+def _did_you_mean(unknown: list, valid) -> str:
+    """`` (did you mean 'x'?)`` for the first unknown name close to a valid one, else ''."""
+    import difflib
+
+    for u in unknown:
+        close = difflib.get_close_matches(str(u), sorted(valid), n=1)
+        if close:
+            return f" (did you mean {close[0]!r}?)"
+    return ""
 
 
 def _choice(name: str, value: Any, options) -> None:
@@ -289,9 +456,124 @@ def _choice(name: str, value: Any, options) -> None:
         raise ConfigError(f"{name}={value!r} is unknown; choose one of {list(options)}")
 
 
-def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"{name}={value!r} must be a number > 0")
+# -- DeepSpeed JSON ------------------------------------------------------------------------
+#: top-level keys of a DeepSpeed config (DeepSpeed ignores unknown ones silently: a typo would
+#: turn a setting off without a word)
+DS_TOP_LEVEL_KEYS = frozenset({
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "gradient_clipping", "steps_per_print", "wall_clock_breakdown", "memory_breakdown", "dump_state",
+    "optimizer", "scheduler", "zero_optimization", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "bf16", "bfloat16", "fp16", "amp", "torch_autocast", "data_types",
+    "communication_data_type", "seq_parallel_communication_data_type", "prescale_gradients",
+    "gradient_predivide_factor", "gradient_allreduce_op", "sparse_gradients", "disable_allgather",
+    "activation_checkpointing", "flops_profiler", "comms_logger", "checkpoint", "aio", "tensorboard",
+    "wandb", "csv_monitor", "comet", "elasticity", "compile", "autotuning", "pipeline",
+    "hybrid_engine", "dataloader_drop_last", "data_efficiency", "curriculum_learning",
+    "compression_training", "nebula", "eigenvalue", "progressive_layer_drop", "quantize_training",
+    "sparse_attention", "weight_quantization", "timers", "log_level", "disable_python_gc",
+    "graph_harvesting", "use_data_before_expert_parallelism", "tensor_parallel",
+    "sequence_parallel_size", "expert_parallel", "vocabulary_size",
+})
+
+
+def check_ds_config(path_or_dict: str | Path | dict) -> dict:
+    """A DeepSpeed config checked and returned as a dict: ``path_or_dict`` is a dict, a path,
+    or a name in the packaged ds_configs (see :func:`ds_config_path`). It must be a JSON object
+    whose top-level keys are DeepSpeed's (:data:`DS_TOP_LEVEL_KEYS`), with
+    ``zero_optimization`` an object whose ``stage`` is 0..3. Raises :class:`ConfigError`
+    naming the file, line and column or the key, and the fix."""
+    if isinstance(path_or_dict, dict):
+        ds, where = copy.deepcopy(path_or_dict), "the DeepSpeed config"
+    else:
+        path = ds_config_path(str(path_or_dict))
+        where = f"deepspeed.config {str(path)!r}"
+        try:
+            ds = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"{where} is not UTF-8 text; a DeepSpeed config is a JSON file") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(
+                f"{where} is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}; fix the syntax "
+                "there (DeepSpeed configs are JSON: double quotes, no trailing commas, no comments)"
+            ) from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{where} must be a JSON object ({{\"zero_optimization\": {{\"stage\": 2}}, ...}}), "
+                          f"got a {type(ds).__name__}")
+    unknown = sorted(set(ds) - DS_TOP_LEVEL_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{where} has unknown top-level key(s) {unknown}{_did_you_mean(unknown, DS_TOP_LEVEL_KEYS)} "
+            "(not a DeepSpeed setting, or misspelt); "
+            f"valid keys: {sorted(DS_TOP_LEVEL_KEYS)}"
+        )
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{where}: zero_optimization must be an object such as {{\"stage\": 2}}, got {zero!r}")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{where}: zero_optimization.stage={stage!r} must be 0, 1, 2 or 3")
+    return ds
+
+
+# -- folders shipped as package data -------------------------------------------------------
+def packaged_dir(folder: str):
+    """The shipped folder ``ds_configs`` or ``sweeps`` (a directory Traversable): package data
+    ``xatl_ds.<folder>`` of an installed wheel, else the checkout's top-level ``<folder>/``."""
+    try:
+        return importlib.resources.files(f"xatl_ds.{folder}")
+    except ModuleNotFoundError:
+        # A checkout on sys.path, or an editable install: setuptools' editable finder maps
+        # xatl_ds.<folder> onto <checkout>/<folder> but cannot import a folder without an
+        # __init__.py, so fall back to the checkout's folder itself.
+        here = Path(__file__).resolve().parent.parent / folder
+        if here.is_dir():
+            return here
+        raise ConfigError(
+            f"the package data xatl_ds.{folder} is missing from this install; reinstall xatl-ds"
+        ) from None
+
+
+def _packaged_names(folder: str, suffix: str) -> list[str]:
+    return sorted(x.name for x in packaged_dir(folder).iterdir() if x.name.endswith(suffix) and x.is_file())
+
+
+def _packaged_file(folder: str, name: str) -> Path | None:
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        return None
+    p = packaged_dir(folder).joinpath(name)
+    # pip installs package data as plain files: the Traversable is a pathlib.Path
+    return Path(str(p)) if p.is_file() else None
+
+
+def ds_config_path(name: str) -> Path:
+    """``name`` as a path when that file exists, else a file of the packaged ds_configs
+    (``zero2.json``; the ``.json`` may be left out). Raises listing what is shipped."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    found = None
+    if not p.is_absolute():
+        found = _packaged_file("ds_configs", name) or _packaged_file("ds_configs", f"{name}.json")
+    if found is None:
+        avail = _packaged_names("ds_configs", ".json")
+        raise ConfigError(f"deepspeed.config={name!r} not found; use a path to a JSON file or one of {avail}")
+    return found
+
+
+def sweep_file_path(name_or_path: str | Path) -> Path:
+    """``name_or_path`` as a path when that file exists, else a shipped sweep or study file
+    named ``quickstart``, ``quickstart.yaml`` or ``sweeps/quickstart.yaml`` (so the README's
+    commands work from any directory). Raises listing what is shipped."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    found = None
+    if not p.is_absolute() and p.parent in (Path("."), Path("sweeps")):
+        found = _packaged_file("sweeps", p.name) or _packaged_file("sweeps", f"{p.name}.yaml")
+    if found is None:
+        avail = [n.removesuffix(".yaml") for n in _packaged_names("sweeps", ".yaml")]
+        raise ConfigError(f"sweep file {str(name_or_path)!r} not found; use a path to a YAML file or one of {avail}")
+    return found
 
 
 # -- building dataclasses from plain dicts, with errors that name the field -------------
@@ -307,7 +589,7 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(
-            f"unknown field(s) {[f'{where}.{u}' if where else u for u in unknown]}; "
+            f"unknown field(s) {[f'{where}.{u}' if where else u for u in unknown]}{_did_you_mean(unknown, names)}; "
             f"valid fields of {where or 'the run config'}: {sorted(names)}"
         )
     kwargs = {}
@@ -317,6 +599,14 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
         path = f"{where}.{f.name}" if where else f.name
         kwargs[f.name] = _coerce(hints[f.name], data[f.name], path)
     return cls(**kwargs)
+
+
+_TYPE_HINTS = {
+    int: "a whole number such as 100",
+    float: "a number such as 0.1 or 1e-4",
+    str: "quote it if YAML reads it as something else",
+    bool: "true or false",
+}
 
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:
@@ -337,12 +627,19 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             return float(value)  # YAML reads 1e18 as a string
         except ValueError:
             pass
+    if tp is int and isinstance(value, str):
+        try:
+            as_float = float(value)  # YAML reads 2e9 as a string too
+        except ValueError:
+            as_float = None
+        if as_float is not None and as_float.is_integer():
+            return int(as_float)
     if tp in (int, float, str, bool):
         ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
         if tp is int and isinstance(value, float) and value.is_integer():
             return int(value)
         if not ok:
-            raise ConfigError(f"{path}={value!r} must be of type {tp.__name__}")
+            raise ConfigError(f"{path}={value!r} must be of type {tp.__name__} ({_TYPE_HINTS[tp]})")
         return value
     if origin is list:
         if isinstance(value, str) and path.endswith("components"):
@@ -355,38 +652,160 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     return value
 
 
-def read_yaml_source(source: str | Path | dict, what: str, error: type[Exception] = ConfigError):
-    """A config given as a dict or as a YAML file (``yaml.safe_load``) -> ``(data, path)``;
-    ``path`` is None for a dict. A missing file raises ``error`` naming ``what``. The data
-    is the caller's own (a dict is deep-copied)."""
+# -- YAML in: strict about duplicates, named errors ---------------------------------------
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A YAML mapping names the same key twice (plain YAML keeps the last one silently)."""
+
+
+class StrictSafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (plain data only, no object construction) that refuses duplicate
+    keys in a mapping. Merge keys (``<<: *anchor``) may still be overridden explicitly."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # the base class names an unhashable key itself
+                if key in first:
+                    raise DuplicateKeyError(
+                        "while constructing a mapping", node.start_mark,
+                        f"duplicate key {key!r} (first at line {first[key].line + 1})", key_node.start_mark,
+                    )
+                first[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_text(text: str) -> Any:
+    """``yaml.safe_load`` semantics, refusing duplicate keys (:class:`StrictSafeLoader`)."""
+    return yaml.load(text, Loader=StrictSafeLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def describe_yaml_error(e: yaml.YAMLError) -> str:
+    """``line L, column C: problem`` (1-based) of a YAML error."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    ctx, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if ctx and cmark is not None and not isinstance(e, DuplicateKeyError) and (mark is None or cmark.line != mark.line):
+        problem += f" ({ctx} at line {cmark.line + 1}, column {cmark.column + 1})"
+    return (f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else "") + problem
+
+
+_DUPLICATE_FIX = "keep one of them (YAML would silently use the last)"
+
+
+def read_yaml_source(source: str | Path | dict, what: str, error: type[Exception] = ConfigError,
+                     allow_empty: bool = False, needs: str = "at least one setting") -> tuple[dict, Path | None]:
+    """A config given as a dict or as a YAML file -> ``(data, path)``; ``path`` is None for a
+    dict, whose data is deep-copied. Every problem raises ``error`` naming ``what`` and the file:
+    a missing file, one that is not UTF-8, a YAML syntax error or duplicate key (with line and
+    column, :func:`load_yaml_text`), a top level that is not a mapping, and, unless
+    ``allow_empty``, a file that is empty or only comments (the message says the file
+    ``needs`` ...)."""
     if isinstance(source, dict):
         return copy.deepcopy(source), None
     path = Path(source)
     if not path.is_file():
-        raise error(f"{what} {str(path)!r} does not exist")
-    return yaml.safe_load(path.read_text()) or {}, path
+        raise error(
+            f"{what} {str(path)!r} does not exist" + (" (it is a directory)" if path.is_dir() else "")
+            + "; check the path (a relative one starts at the working directory)"
+        )
+    try:
+        data = load_yaml_text(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise error(f"{what} {str(path)!r} is not UTF-8 text; save it as UTF-8 YAML") from None
+    except yaml.YAMLError as e:
+        fix = _DUPLICATE_FIX if isinstance(e, DuplicateKeyError) else (
+            "fix the YAML syntax there (indentation, a missing ':' or closing bracket, or quote the value)"
+        )
+        raise error(f"{what} {str(path)!r}, {describe_yaml_error(e)}; {fix}") from None
+    if data is None:
+        if not allow_empty:
+            raise error(f"{what} {str(path)!r} is empty (or only comments); a {what} needs {needs}")
+        data = {}
+    if not isinstance(data, dict):
+        raise error(
+            f"{what} {str(path)!r} must be a mapping of 'key: value' lines at its top level, "
+            f"got a {type(data).__name__}"
+        )
+    return data, path
 
 
-def load_run_config(source: str | Path | dict, overrides: list[str] | None = None) -> RunConfig:
-    """Read (``yaml.safe_load``), apply ``a.b=value`` overrides, build and validate."""
-    data, _ = read_yaml_source(source, "run config")
-    data = json.loads(json.dumps(data))  # plain types
+def load_run_config(source: str | Path | dict, overrides: list[str] | None = None,
+                    machine_checks: bool = True) -> RunConfig:
+    """Read (:func:`read_yaml_source`), apply ``a.b=value`` overrides (:func:`apply_override`),
+    build and validate (``machine_checks``: see :meth:`RunConfig.validate`)."""
+    data, _ = read_yaml_source(
+        source, "run config",
+        needs="at least one field, e.g. 'model: {size: tiny}': write the fields that differ from the "
+        "defaults (the README's run config reference lists them)",
+    )
     for ov in overrides or []:
         apply_override(data, ov)
-    return from_dict(RunConfig, data).validate()
+    data = json.loads(json.dumps(data, default=str))  # plain types (a YAML date becomes a string)
+    return from_dict(RunConfig, data).validate(machine_checks=machine_checks)
+
+
+# -- dotted keys -------------------------------------------------------------------------------
+def merge_dicts(base: dict, over: dict) -> dict:
+    """A new dict: ``base`` with ``over`` merged in; dicts merge recursively, any other value of
+    ``over`` replaces ``base``'s. Nothing is shared with the inputs (deep copies)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def set_dotted(data: dict, key: str, value: Any, error: type[Exception] = ConfigError) -> None:
+    """``data[a][b] = value`` for ``key = "a.b"``, in place: the one dotted setter of run
+    configs, sweeps and studies. Missing (or empty) sections on the way are created; a dict
+    ``value`` merges into a dict already there (:func:`merge_dicts`), anything else replaces it
+    (deep-copied). A component holding a value that is not a section raises ``error`` naming
+    the key."""
+    parts = key.split(".") if isinstance(key, str) else []
+    if not parts or any(not p.strip() for p in parts):
+        raise error(f"key {key!r} must be dotted field names such as optim.lr or model")
+    parts = [p.strip() for p in parts]
+    node = data
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        elif not isinstance(nxt, dict):
+            section = ".".join(parts[: i + 1])
+            raise error(
+                f"{key}: {section} is not a section (it holds {nxt!r}); "
+                f"set {section} itself, or make it a mapping first"
+            )
+        node = nxt
+    last = parts[-1]
+    if isinstance(value, dict) and isinstance(node.get(last), dict):
+        node[last] = merge_dicts(node[last], value)
+    else:
+        node[last] = copy.deepcopy(value)
 
 
 def apply_override(data: dict, override: str) -> None:
-    """Apply ``section.field=value`` (value parsed as YAML) to a config dict in place."""
-    if "=" not in override:
-        raise ConfigError(f"override {override!r} must look like section.field=value")
+    """Apply ``section.field=value`` (``-o`` on the command line; the value is parsed as YAML)
+    to a config dict in place, through :func:`set_dotted` (a mapping value merges)."""
+    if not isinstance(override, str) or "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.field=value, e.g. optim.lr=3e-4")
     key, raw = override.split("=", 1)
-    value = yaml.safe_load(raw)
-    node = data
-    parts = key.strip().split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {override!r}: {p} is not a section")
-    node[parts[-1]] = value
-
+    try:
+        value = load_yaml_text(raw)
+    except yaml.YAMLError as e:
+        fix = _DUPLICATE_FIX if isinstance(e, DuplicateKeyError) else (
+            f"close its brackets, or quote a plain string: {key.strip()}='\"...\"'"
+        )
+        raise ConfigError(
+            f"override {override!r}: the value is not valid YAML ({describe_yaml_error(e)}); {fix}"
+        ) from None
+    try:
+        set_dotted(data, key.strip(), value)
+    except ConfigError as e:
+        raise ConfigError(f"override {override!r}: {e}") from None
