@@ -2,7 +2,6 @@
 the lm-eval model class on Xatl and native GPT-NeoX dirs, and clear errors offline."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -12,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from xatl_ds.evaluate import EvalError, add_cli, evaluate_run, resolve_tasks
+from xatl_ds.evaluate import EvalError, evaluate_run, resolve_tasks
 from xatl_ds.tasks import LOCAL_TASKS, build_tasks
 
 
@@ -164,12 +163,10 @@ def test_task_aliases_and_cli(xatl_run, tmp_path, capsys):
     run = tmp_path / "copy"
     shutil.copytree(xatl_run / "hf", run / "hf")
     (run / "meta.json").write_text((xatl_run / "meta.json").read_text())
-    ap = argparse.ArgumentParser()
-    add_cli(ap.add_subparsers(dest="cmd"))
-    args = ap.parse_args(["eval", str(run), "--tasks", "xatl_nextsent", "--limit", "3", "--batch-size", "3"])
-    assert args.func(args) == 0
+    from xatl_ds.cli import main
+
+    assert main(["eval", str(run), "--tasks", "xatl_nextsent", "--limit", "3", "--batch-size", "3"]) == 0
     out = json.loads((run / "eval.json").read_text())
     assert list(out["tasks"]) == ["xatl_nextsent"] and out["tasks"]["xatl_nextsent"]["n_samples"] == 3
     assert "xatl_nextsent (n=3)" in capsys.readouterr().out
-    args = ap.parse_args(["eval", str(tmp_path / "nothing")])
-    assert args.func(args) == 2 and "no hf/ export" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nothing")]) == 2 and "no hf/ export" in capsys.readouterr().err

@@ -10,6 +10,7 @@ byte-identical task files, so scores of different runs on the same dataset are c
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import random
@@ -20,9 +21,9 @@ from pathlib import Path
 __all__ = ["LOCAL_TASKS", "TaskBuildConfig", "TaskBuildError", "build_tasks", "split_sentences", "TEMPLATE_DIR"]
 
 TEMPLATE_DIR = Path(__file__).resolve().parent
-LOCAL_TASKS = ("xatl_lastword", "xatl_nextsent")
+LOCAL_TASKS = ("xatl_lastword", "xatl_nextsent", "xatl_minpairs")
 #: bump when the construction changes (it is recorded in build.json and the task files)
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 
 class TaskBuildError(ValueError):
@@ -49,7 +50,12 @@ class TaskBuildConfig:
     n_distractors: int = 3
     #: cap on examples per task (a hash-ordered, deterministic subset beyond it)
     max_examples: int = 1000
-    #: seed of the distractor draw and the position of the true sentence
+    #: a minimal-pair sentence has at least this many words (and the sentence_*_chars bounds)
+    minpairs_min_words: int = 6
+    #: a replacement word is drawn among the words of the same length equally frequent, or when
+    #: fewer, among this many nearest in frequency (on the more or less frequent side, at random)
+    minpairs_freq_neighbours: int = 8
+    #: seed of the distractor draw, the minimal-pair edits and the position of the true sentence
     seed: int = 1234
 
 
@@ -146,6 +152,103 @@ def _nextsent_examples(units: list[dict], cfg: TaskBuildConfig) -> list[dict]:
     return out
 
 
+# a word: letters with inner apostrophes ("don't"); a minimal-pair edit touches lowercase words only
+_WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*")
+
+
+class _FrequencyNeighbours:
+    """Lowercase words of the held-out text by length and frequency. ``sides(w)``: the words
+    of ``w``'s length at most / at least as frequent as ``w``: all equally frequent ones, and
+    when they are fewer than ``k``, the nearest others up to ``k``. A replacement is drawn from
+    one side picked at random, so a word-frequency scorer prefers the real word about as often
+    as the replacement."""
+
+    def __init__(self, texts: list[str], k: int):
+        self.count: dict[str, int] = {}
+        lower: set[str] = set()  # words seen in lowercase form (no names, no sentence-initial-only words)
+        for t in texts:
+            for m in _WORD.finditer(t):
+                w = m.group()
+                self.count[w.lower()] = self.count.get(w.lower(), 0) + 1
+                if w.islower():
+                    lower.add(w)
+        self.by_len: dict[int, list[tuple[int, str]]] = {}
+        for w in lower:
+            self.by_len.setdefault(len(w), []).append((self.count[w], w))
+        for v in self.by_len.values():
+            v.sort()
+        self.k = k
+
+    def sides(self, w: str) -> tuple[range, range]:
+        """Index ranges into ``by_len[len(w)]`` (they include ``w`` itself; a range of length
+        < 2 holds no other word). Ranges, not lists: rare words share groups of thousands."""
+        pool = self.by_len.get(len(w), [])
+        c = self.count.get(w, 0)
+        lo, hi = bisect.bisect_left(pool, c, key=lambda x: x[0]), bisect.bisect_right(pool, c, key=lambda x: x[0])
+        n = max(0, self.k - (hi - lo - 1))  # the nearest less / more frequent words that make up k
+        return range(max(0, lo - n), hi), range(lo, min(len(pool), hi + n))
+
+    def draw(self, w: str, side: range, rng: random.Random) -> str:
+        pool = self.by_len[len(w)]
+        while True:  # w is in the range once and the range holds another word: this ends
+            x = pool[rng.choice(side)][1]
+            if x != w:
+                return x
+
+
+def _swap(sentence: str, rng: random.Random) -> str | None:
+    """The sentence with two adjacent lowercase words (only whitespace between them) swapped."""
+    ws = list(_WORD.finditer(sentence))
+    cands = [i for i in range(len(ws) - 1)
+             if ws[i].group().islower() and ws[i + 1].group().islower() and ws[i].group() != ws[i + 1].group()
+             and sentence[ws[i].end(): ws[i + 1].start()].isspace()]  # fmt: skip
+    if not cands:
+        return None
+    i = rng.choice(cands)
+    a, b = ws[i], ws[i + 1]
+    return sentence[: a.start()] + b.group() + sentence[a.end(): b.start()] + a.group() + sentence[b.end():]
+
+
+def _replace(sentence: str, rng: random.Random, freq: _FrequencyNeighbours) -> str | None:
+    """The sentence with one lowercase word replaced by a word of the same length and similar
+    frequency in the held-out text."""
+    ws = [m for m in _WORD.finditer(sentence) if m.group().islower() and len(m.group()) >= 2]
+    opts = [(m, freq.sides(m.group())) for m in ws]
+    opts = [(m, sides) for m, sides in opts if len(sides[0]) > 1 and len(sides[1]) > 1]  # both directions possible
+    if not opts:
+        return None
+    m, sides = rng.choice(opts)
+    return sentence[: m.start()] + freq.draw(m.group(), sides[rng.randrange(2)], rng) + sentence[m.end():]
+
+
+def _minpairs_examples(units: list[dict], cfg: TaskBuildConfig) -> list[dict]:
+    freq = _FrequencyNeighbours([u["text"] for u in units], cfg.minpairs_freq_neighbours)
+    sents: list[tuple[int, str]] = []
+    for u, unit in enumerate(units):
+        text = unit["text"]
+        sents.extend((u, text[a:b]) for a, b in split_sentences(text))
+    attested = {s for _, s in sents}
+    out, seen = [], set()
+    for n, (u, sent) in enumerate(sents):
+        if sent in seen or not _is_prose(sent, cfg) or len(_WORD.findall(sent)) < cfg.minpairs_min_words:
+            continue
+        seen.add(sent)
+        rng = random.Random(f"{cfg.seed}:minpairs:{n}:{sent}")
+        kinds = ["swap", "replace"]
+        rng.shuffle(kinds)
+        for kind in kinds:
+            fake = _swap(sent, rng) if kind == "swap" else _replace(sent, rng, freq)
+            if fake is not None and fake != sent and fake not in attested:
+                break
+        else:
+            continue
+        label = rng.randrange(2)
+        choices = [fake, sent] if label else [sent, fake]
+        out.append({"context": "", "choices": choices, "label": label, "sentence": sent, "kind": kind, "unit": u,
+                    "source": units[u].get("source", "")})  # fmt: skip
+    return out
+
+
 def _cap(examples: list[dict], n: int) -> list[dict]:
     """At most ``n`` examples: those with the smallest content hash, kept in original order
     (a deterministic subset spread over all sources)."""
@@ -192,6 +295,7 @@ def build_tasks(data_dir: str | Path, out_dir: str | Path | None = None, cfg: Ta
     built = {
         "xatl_lastword": _cap(_lastword_examples(units, cfg), cfg.max_examples),
         "xatl_nextsent": _cap(_nextsent_examples(units, cfg), cfg.max_examples),
+        "xatl_minpairs": _cap(_minpairs_examples(units, cfg), cfg.max_examples),
     }
     for name, ex in built.items():
         if not ex:

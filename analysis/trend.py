@@ -1,0 +1,115 @@
+"""How the effective-compute multiplier changes with model size.
+
+:func:`size_trend` fits ``log(multiplier) = a + b*log(N)`` (``N``: non-embedding parameters,
+e.g. from the ``xatl_ds/sizes.py`` dimensions) to per-size, per-seed multipliers, by ordinary
+least squares on each size's mean log-multiplier. ``b > 0``: savings grow with size (what
+transfer scaling laws predict); ``b < 0``: they shrink (what upcycling finds at large
+compute). The interval of ``b`` is a percentile bootstrap that resamples the seeds within each
+size (stratified), so it reflects seed noise, not how well a straight line in log-log describes
+sizes that were never run. :meth:`SizeTrend.extrapolate` predicts the multiplier at another
+size with the same bootstrap; outside the measured sizes it is flagged ``extrapolated`` and is
+only as good as the assumption that the power law continues.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .effective import percentile_interval
+
+__all__ = ["SizeTrend", "TrendPoint", "size_trend"]
+
+
+@dataclass(frozen=True)
+class TrendPoint:
+    """The trend's multiplier at one size, with its bootstrap interval."""
+
+    n_params: float
+    multiplier: float
+    ci_low: float
+    ci_high: float
+    #: outside the sizes the trend was fitted on
+    extrapolated: bool
+
+
+@dataclass(frozen=True, eq=False)
+class SizeTrend:
+    """``multiplier(N) = exp(a) * N**b`` fitted over sizes, with bootstrap replicates of (a, b)."""
+
+    a: float
+    #: the exponent: the trend's headline number
+    b: float
+    b_ci_low: float
+    b_ci_high: float
+    level: float
+    #: the sizes used (non-embedding parameters), ascending
+    sizes: tuple[float, ...]
+    #: mean log-multiplier of each size
+    log_mean: tuple[float, ...]
+    #: seeds with a usable (finite, > 0) multiplier, per size
+    n_seeds: tuple[int, ...]
+    #: (n_boot, 2) replicates of (a, b); empty when no size has two seeds
+    boot: np.ndarray = field(repr=False, default_factory=lambda: np.empty((0, 2)))
+
+    def predict(self, n_params: float) -> float:
+        """The fitted multiplier at ``n_params``."""
+        return float(math.exp(self.a + self.b * math.log(n_params)))
+
+    def extrapolate(self, n_params: float) -> TrendPoint:
+        """The multiplier at ``n_params`` with its interval (from the (a, b) replicates)."""
+        if not (n_params > 0 and math.isfinite(n_params)):
+            raise ValueError(f"n_params={n_params} must be a positive number of parameters")
+        lo = hi = math.nan
+        if len(self.boot):
+            lo, hi = percentile_interval(np.exp(self.boot[:, 0] + self.boot[:, 1] * math.log(n_params)), self.level)
+        outside = n_params < self.sizes[0] * (1 - 1e-9) or n_params > self.sizes[-1] * (1 + 1e-9)
+        return TrendPoint(n_params=float(n_params), multiplier=self.predict(n_params), ci_low=lo, ci_high=hi,
+                          extrapolated=bool(outside))  # fmt: skip
+
+
+def _ols(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Intercepts and slopes of y ~ x for each row of ``y`` (x shared)."""
+    xm = x.mean()
+    b = ((x - xm) * (y - y.mean(axis=-1, keepdims=True))).sum(axis=-1) / ((x - xm) ** 2).sum()
+    return y.mean(axis=-1) - b * xm, b
+
+
+def size_trend(sizes_nonembed_params: Sequence[float], multipliers_per_size: Sequence[Iterable[float]], *,
+               n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> SizeTrend:  # fmt: skip
+    """Fit ``log(multiplier) = a + b*log(N)``.
+
+    ``sizes_nonembed_params[k]``: size k's non-embedding parameter count; ``multipliers_per_size[k]``:
+    its per-seed multipliers (NaN, inf and values <= 0 -- unreachable or unfitted seeds -- are
+    left out). Needs at least two sizes with a usable multiplier, and distinct sizes.
+    """
+    if len(sizes_nonembed_params) != len(multipliers_per_size):
+        raise ValueError(f"{len(sizes_nonembed_params)} sizes but {len(multipliers_per_size)} lists of multipliers")
+    groups = []
+    for n, ms in zip(sizes_nonembed_params, multipliers_per_size):
+        n = float(n)
+        if not (n > 0 and math.isfinite(n)):
+            raise ValueError(f"size {n} is not a positive parameter count")
+        v = np.asarray([m for m in ms if m is not None and math.isfinite(m) and m > 0], dtype=float)
+        if len(v):
+            groups.append((n, np.log(v)))
+    groups.sort(key=lambda g: g[0])
+    sizes = np.array([g[0] for g in groups])
+    if len(groups) < 2 or len(np.unique(sizes)) < 2:
+        raise ValueError(f"a size trend needs >= 2 distinct sizes with a usable multiplier; got {sizes.tolist()}")
+    x = np.log(sizes)
+    y = np.array([g[1].mean() for g in groups])
+    a, b = (float(v) for v in _ols(x, y))
+    boot = np.empty((0, 2))
+    lo = hi = math.nan
+    if any(len(g[1]) > 1 for g in groups):
+        rng = np.random.default_rng(seed)
+        # stratified: each size's seeds are resampled among themselves
+        yb = np.stack([g[1][rng.integers(0, len(g[1]), (n_boot, len(g[1])))].mean(axis=1) for g in groups], axis=1)
+        ab, bb = _ols(x, yb)
+        boot = np.stack([ab, bb], axis=1)
+        lo, hi = percentile_interval(bb, level)
+    return SizeTrend(a=a, b=b, b_ci_low=lo, b_ci_high=hi, level=level, sizes=tuple(sizes.tolist()),
+                     log_mean=tuple(y.tolist()), n_seeds=tuple(len(g[1]) for g in groups), boot=boot)  # fmt: skip
