@@ -229,3 +229,53 @@ def test_real_sweep_interrupt_resume_skip(tmp_path, tiny_dataset, monkeypatch, c
     assert main(["run", str(f)]) == 0  # everything is done: nothing launches
     out = capsys.readouterr().out
     assert out.count("done, skipped") == 2 and "starting" not in out
+
+
+def test_named_sources_and_recorded_baselines(tmp_path):
+    """One source per size (``sources:`` + ``@source:NAME``), scratch runs at K x the budget, and
+    every XATL run paired with the scratch run of its own size, arch and seed."""
+    sw = load_sweep({
+        "name": "ladder", "out_dir": str(tmp_path / "root"),
+        "sources": {"micro": {"model": {"size": "micro"}, "budget": {"steps": 50}},
+                    "tiny": {"model": {"size": "tiny"}, "budget": {"steps": 60}}},
+        "baseline": {"budget_factor": 3},
+        "base": {"data": {"path": "d", "seq_len": 8, "batch_size": 2}, "budget": {"steps": 10}},
+        "axes": {
+            "size": {"zip": {"model.size": ["micro", "tiny"], "init.source": ["@source:micro", "@source:tiny"]},
+                     "labels": ["micro", "tiny"]},
+            "init": [{"label": "scratch", "init.kind": "scratch"}, {"label": "lit", "init.kind": "xatl"},
+                     {"label": "nofreeze", "init.kind": "xatl", "freeze.policy": "none"}],
+            "seed": [0, 1],
+        },
+    })  # fmt: skip
+    runs = expand(sw)
+    srcs = {r.name: r for r in runs if r.is_source}
+    assert set(srcs) == {"source-micro", "source-tiny"}
+    by_name = {r.name: r for r in runs}
+    for size in ("micro", "tiny"):
+        for seed in (0, 1):
+            scratch = by_name[f"{size}-scratch-s{seed}"]
+            assert scratch.config["budget"]["steps"] == 30 and scratch.baseline is None
+            for v in ("lit", "nofreeze"):
+                x = by_name[f"{size}-{v}-s{seed}"]
+                assert x.config["budget"]["steps"] == 10, "XATL runs keep the base budget"
+                assert x.baseline == scratch.key
+                assert x.config["init"]["source"] == str(srcs[f"source-{size}"].out_dir / "hf")
+                assert x.needs == [srcs[f"source-{size}"].key]
+    idx = Index(sw, runs)
+    rec = {r["name"]: r for r in idx.records.values()}
+    assert rec["tiny-lit-s1"]["baseline"] == by_name["tiny-scratch-s1"].key and rec["tiny-lit-s1"]["size"] == "tiny"
+    with pytest.raises(SweepError, match=r"'@source:huge'.*none of this file's sources"):
+        expand(load_sweep({"name": "b", "out_dir": str(tmp_path / "b"), "sources": {"micro": {}},
+                           "base": {"init": {"kind": "xatl", "source": "@source:huge"}, "budget": {"steps": 1}},
+                           "axes": {"seed": [0]}}))  # fmt: skip
+
+
+@pytest.mark.parametrize("label", ["../../escaped", "/abs/x", "a/b", "..", ".hidden"])
+def test_labels_and_names_cannot_escape_the_root(tmp_path, label):
+    with pytest.raises(SweepError, match="is not a safe name"):
+        expand(load_sweep({"name": "t", "out_dir": str(tmp_path / "root"), "base": {"budget": {"steps": 1}},
+                           "axes": {"seed": {"zip": {"seed": [0]}, "labels": [label]}}}))  # fmt: skip
+    with pytest.raises(SweepError, match="is not a safe name"):
+        load_sweep({"name": label, "out_dir": str(tmp_path / "root"), "base": {}, "axes": {"seed": [0]}})
+    assert not (tmp_path / "root").exists() and not (tmp_path.parent / "escaped").exists()

@@ -42,6 +42,9 @@ def _fail(command: str, err: BaseException, code: int = 2) -> int:
 
 # -- data ----------------------------------------------------------------------------------------
 def _data_parser(p: argparse.ArgumentParser) -> None:
+    from .data.config import PrepareConfig
+
+    d = PrepareConfig(out="")
     sub = p.add_subparsers(dest="data_command", required=True, metavar="{prepare,info}")
     prep = sub.add_parser(
         "prepare",
@@ -61,18 +64,21 @@ def _data_parser(p: argparse.ArgumentParser) -> None:
              "several are concatenated in order")
     arg("--tokenizer", default=None,
         help="hub name or local dir for AutoTokenizer (no remote code); default: train a byte-level BPE")
-    arg("--vocab-size", type=int, default=None, help="BPE vocabulary (default 4096)")
-    arg("--val-frac", type=float, default=None, help="fraction of units for val (default 0.02)")
-    arg("--test-frac", type=float, default=None, help="fraction of units held out as raw text in test.jsonl (default 0.02)")
-    arg("--seed", type=int, default=None, help="split seed (default 0)")
-    arg("--unit-chars", type=int, default=None, help="size of a split unit in characters (default 2000)")
+    arg("--vocab-size", type=int, default=None, help=f"BPE vocabulary (default {d.vocab_size})")
+    arg("--val-frac", type=float, default=None, help=f"fraction of units for val (default {d.val_frac})")
+    arg("--test-frac", type=float, default=None,
+        help=f"fraction of units held out as raw text in test.jsonl (default {d.test_frac})")
+    arg("--seed", type=int, default=None, help=f"split seed (default {d.seed})")
+    arg("--unit-chars", type=int, default=None, help=f"size of a split unit in characters (default {d.unit_chars})")
     arg("--max-chars", type=int, default=None,
         help="read at most N characters of each input file / dataset (a prefix; for quick runs)")
-    arg("--bpe-max-chars", type=int, default=None, help="train the BPE on at most ~N chars of train text")
-    arg("--text-field", default=None, help="jsonl field / parquet or HF column with the text (default 'text')")
-    arg("--hf-split", default=None, help="split of an hf: dataset to read (default 'train')")
+    arg("--bpe-max-chars", type=int, default=None,
+        help=f"train the BPE on at most ~N chars of train text (default {d.bpe_max_chars})")
+    arg("--text-field", default=None, help=f"jsonl field / parquet or HF column with the text (default {d.text_field!r})")
+    arg("--hf-split", default=None, help=f"split of an hf: dataset to read (default {d.hf_split!r})")
     arg("--overwrite", action="store_true",
-        help="replace a dataset in --out prepared from different inputs (only a dataset folder is ever replaced)")
+        help="replace a dataset in --out prepared from different inputs, or rebuild one whose shards are damaged "
+             "(only a folder prepare wrote is ever replaced)")
     # fmt: on
     prep.set_defaults(func=_cmd_data_prepare)
     info = sub.add_parser("info", help="print the meta.json summary of a prepared dataset")
@@ -114,6 +120,9 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
 # -- transfer --------------------------------------------------------------------------------------
 def _transfer_parser(p: argparse.ArgumentParser) -> None:
     # fmt: off
+    p.description = ("Load a source causal LM (hub name or local directory), build an XatlForCausalLM with the "
+                     "same blocks and the chosen mixer, transfer the shared components, initialise the new mixers, "
+                     "print the report and (with --out) save the target, the source tokenizer and xatl_transfer.json.")
     p.add_argument("--source", required=True, help="hub name or save_pretrained directory of a GPT-NeoX / Llama causal LM")
     p.add_argument("--mixer", default="mamba", choices=["attention", "retnet", "mamba", "mamba2"],
                    help="token mixer of the LCI layers (default: mamba)")
@@ -123,15 +132,24 @@ def _transfer_parser(p: argparse.ArgumentParser) -> None:
                    help="comma list of embed, lm_head, final_norm, norms, mlp, attn_out, attention; "
                         "'all' (default, the paper's set) or 'none' (scratch)")
     p.add_argument("--mixer-init", default="random", choices=["random", "zero_out", "attention"],
-                   help="new mixers: random (the paper), zero_out (output projections at 0) or attention "
-                        "(from the replaced layer's attention weights)")
+                   help="how the LCI mixers start: random (default, the paper), zero_out (output projections 0: "
+                        "the target starts as the source without those mixers; takes precedence over attn_out) or "
+                        "attention (from the replaced attention: mamba2 V/K/Q -> x/B/C of in_proj, retnet q/k/v; "
+                        "W_O -> the output projection)")
     p.add_argument("--d-state", type=int, default=None, help="SSM state size (mamba/mamba2)")
     p.add_argument("--d-conv", type=int, default=None, help="SSM conv width (mamba/mamba2)")
     p.add_argument("--expand", type=int, default=None, help="SSM expansion: d_inner = expand * hidden (W_O transfers only at 1)")
+    p.add_argument("--mamba2-headdim", type=int, default=None,
+                   help="Mamba-2 head dimension (--mixer-init attention: the source's head_dim)")
+    p.add_argument("--mamba2-ngroups", type=int, default=None,
+                   help="Mamba-2 B/C groups (--mixer-init attention: the source's head count)")
     p.add_argument("--seed", type=int, default=0, help="seed of the new (mixer) weights (default: 0)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype to load and save in (default: float32)")
     p.add_argument("--no-strict", action="store_true", help="skip (and report) mismatching components instead of failing")
+    p.add_argument("--attn-out-mismatch", default=None, choices=["skip", "error"],
+                   help="an attn_out whose shapes cannot match: skip it (default with --components all) or fail "
+                        "(default with chosen components)")
     p.add_argument("--out", default=None, help="directory to save the target into (safetensors); without it nothing is written")
     p.add_argument("--overwrite", action="store_true", help="allow --out to hold an existing model")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -147,8 +165,9 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     try:
         req = TransferRequest.from_cli(
             source=args.source, mixer=args.mixer, attention_layers=args.attention_layers, components=args.components,
-            mixer_init=args.mixer_init, d_state=args.d_state, d_conv=args.d_conv, expand=args.expand, seed=args.seed,
-            dtype=args.dtype, strict=not args.no_strict,
+            mixer_init=args.mixer_init, seed=args.seed, dtype=args.dtype, strict=not args.no_strict,
+            attn_out_mismatch=args.attn_out_mismatch, d_state=args.d_state, d_conv=args.d_conv, expand=args.expand,
+            mamba2_headdim=args.mamba2_headdim, mamba2_ngroups=args.mamba2_ngroups,
         )  # fmt: skip
         report = transfer_to_dir(req, args.out, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, OSError) as e:

@@ -2,7 +2,7 @@
 
 ``xatl-ds eval RUN_DIR [--tasks ...]`` and :func:`evaluate_run` run lm-eval's
 ``simple_evaluate`` on an in-process :class:`XatlLM` (an ``HFLM`` subclass). Default tasks
-are the two local ones built from the run's dataset (``xatl_ds/tasks``, no network);
+are the local ones built from the run's dataset (``xatl_ds/tasks``, no network);
 ``--tasks paper`` gives the paper's six benchmarks (their data must be downloadable or cached).
 
 lm-eval's own CLI: lm-eval finds model classes only in its registry and loads no plugins, so
@@ -122,7 +122,7 @@ def __getattr__(name: str):
 # -- tasks ---------------------------------------------------------------------------------------
 def resolve_tasks(spec: str | Sequence[str] | None) -> list[str]:
     """Task names from ``"t1,t2"`` / a list; ``paper`` expands to the paper's six, ``local``
-    (and None) to the two local tasks. Order kept, duplicates dropped."""
+    (and None) to the local tasks. Order kept, duplicates dropped."""
     if spec is None:
         items: list[str] = list(LOCAL_TASKS)
     else:

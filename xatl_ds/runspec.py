@@ -21,7 +21,8 @@ from .rundir import RunDir
 
 __all__ = ["SOURCE_REF", "SOURCE_INHERITS", "RunSpec", "PlanError", "place", "source_spec", "check_name"]
 
-#: placeholder for ``init.source``: the planner's own source run (its ``hf`` export)
+#: placeholder for ``init.source``: the planner's own source run (its ``hf`` export);
+#: ``@source:NAME`` names one of several (a sweep's ``sources:``)
 SOURCE_REF = "@source"
 #: sections a source run takes from the planner's base config unless it sets them
 SOURCE_INHERITS = ("data", "deepspeed", "eval", "checkpoint", "log_every")
@@ -108,22 +109,28 @@ def _validated(cfg: dict, what: str):
         raise PlanError(f"{what}: {e}") from None
 
 
-def place(root: Path, cfg: dict, name: str, *, role: str = "run", source: RunSpec | None = None,
+def place(root: Path, cfg: dict, name: str, *, role: str = "run", sources: dict[str, RunSpec] | None = None,
           out_dir: Path | None = None) -> RunSpec:  # fmt: skip
     """Validate ``cfg`` and give it its id, key and directory (``root/runs/<key>`` unless
     ``out_dir``). A scratch run drops ``init.source`` (scratch twins share axes that name a
-    source); ``@source`` becomes ``source``'s export, whose path is part of the run's hash."""
+    source); a placeholder (``@source``, ``@source:NAME``; the keys of ``sources``) becomes that
+    source's export, whose path is part of the run's hash."""
     check_name(name, f"run name of {name!r}")
     cfg = copy.deepcopy(cfg)
     init = cfg.setdefault("init", {})
     if init.get("kind", "scratch") == "scratch":
         init.pop("source", None)
     needs = []
-    if init.get("source") == SOURCE_REF:
-        if source is None:
-            raise PlanError(f"run {name}: init.source is {SOURCE_REF!r} but there is no source: section")
-        init["source"] = str(source.dir.hf)
-        needs.append(source.key)
+    ref = init.get("source")
+    if isinstance(ref, str) and ref.startswith(SOURCE_REF):
+        src = (sources or {}).get(ref)
+        if src is None and not sources:
+            raise PlanError(f"run {name}: init.source is {ref!r} but there is no source: section (or sources:)")
+        if src is None:
+            raise PlanError(f"run {name}: init.source is {ref!r}, which names none of this file's sources "
+                            f"{sorted(sources)}")  # fmt: skip
+        init["source"] = str(src.dir.hf)
+        needs.append(src.key)
     cfg["name"] = name
     cfg["out_dir"] = str(out_dir) if out_dir is not None else "<placed>"
     rc = _validated(cfg, f"run {name}")

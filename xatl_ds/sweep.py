@@ -1,6 +1,9 @@
 """Scaling sweeps: a grid of run configs, launched one after another (or a few at a time)
 through the ``deepspeed`` launcher, skipping finished runs and resuming broken ones.
 
+Several sources (one per size, say): ``sources: {NAME: {...}}``, each referenced as
+``init.source: "@source:NAME"`` (zip it with ``model.size`` in one axis).
+
 A sweep YAML::
 
     name: quickstart                 # default: the file's stem
@@ -62,7 +65,7 @@ __all__ = ["SOURCE_REF", "STATES", "Sweep", "SweepError", "Index", "load_sweep",
            "run_sweep", "status_rows", "format_table", "slot_options"]  # fmt: skip
 
 STATES = ("pending", "running", "done", "failed")
-_SWEEP_KEYS = {"name", "out_dir", "base", "axes", "source", "launch", "baseline"}
+_SWEEP_KEYS = {"name", "out_dir", "base", "axes", "source", "sources", "launch", "baseline"}
 #: run config sections whose axis values make a recipe (what XATL and scratch runs differ in)
 _RECIPE_PREFIXES = ("init.", "freeze.", "distill.", "align.")
 
@@ -93,6 +96,8 @@ class Sweep:
     path: Path | None = None
     budget_factor: float = 1.0
     """Scratch runs train this many times the base budget (``baseline.budget_factor``)."""
+    sources: dict[str, dict] = field(default_factory=dict)
+    """Named source runs (``sources:``), referenced as ``@source:NAME``."""
 
 
 # -- parsing -------------------------------------------------------------------------------
@@ -100,7 +105,7 @@ def load_sweep(source: str | Path | dict) -> Sweep:
     """Read and check a sweep file (or dict): structure only; :func:`expand` validates runs."""
     from .config import read_yaml_source
 
-    data, path = read_yaml_source(source, "sweep file", SweepError)
+    data, path = read_yaml_source(source, "sweep file", SweepError, needs="base: and axes:")
     if not isinstance(data, dict):
         raise SweepError("a sweep file must be a mapping with base: and axes:")
     unknown = sorted(set(data) - _SWEEP_KEYS)
@@ -117,14 +122,26 @@ def load_sweep(source: str | Path | dict) -> Sweep:
     src = data.get("source")
     if src is not None and not isinstance(src, dict):
         raise SweepError("source: must be a run config mapping for the source Transformer")
+    named = data.get("sources") or {}
+    if not isinstance(named, dict) or not all(isinstance(v, dict) for v in named.values()):
+        raise SweepError("sources: must map a name to a run config mapping per source (used as @source:NAME)")
+    for k in named:
+        try:
+            check_name(str(k), "sources name")
+        except PlanError as e:
+            raise SweepError(str(e)) from None
     try:
         launch = LaunchOptions.from_dict(data.get("launch"), "launch")
     except ValueError as e:
         raise SweepError(str(e)) from None
-    check_name(name, "sweep name")
+    try:
+        check_name(name, "sweep name")
+    except PlanError as e:
+        raise SweepError(str(e)) from None
     factor = _budget_factor(data.get("baseline"))
     root = Path(data.get("out_dir") or f"runs/sweeps/{name}")
-    return Sweep(name=name, root=root, base=base, axes=axes, source=src, launch=launch, path=path, budget_factor=factor)
+    return Sweep(name=name, root=root, base=base, axes=axes, source=src, launch=launch, path=path, budget_factor=factor,
+                 sources={str(k): v for k, v in named.items()})
 
 
 def _budget_factor(spec: Any) -> float:
@@ -248,9 +265,12 @@ def expand(sweep: Sweep, world_size: int | None = None) -> list[RunSpec]:
 
 def _expand(sweep: Sweep, world_size: int | None) -> list[RunSpec]:
     runs: list[RunSpec] = []
-    src = source_spec(sweep.root, sweep.base, sweep.source)
-    if src is not None:
-        runs.append(src)
+    sources: dict[str, RunSpec] = {}
+    if sweep.source is not None:
+        sources[SOURCE_REF] = source_spec(sweep.root, sweep.base, sweep.source)
+    for nm, section in sweep.sources.items():
+        sources[f"{SOURCE_REF}:{nm}"] = source_spec(sweep.root, sweep.base, section, name=f"source-{nm}")
+    runs.extend(sources.values())
     seen: dict[str, str] = {}
     recipe = [i for i, a in enumerate(sweep.axes) if _is_recipe_axis(a)]
     by_combo: dict[tuple, RunSpec] = {}
@@ -262,7 +282,7 @@ def _expand(sweep: Sweep, world_size: int | None) -> list[RunSpec]:
         cfg = _apply(sweep.base, overrides)
         if (cfg.get("init") or {}).get("kind", "scratch") == "scratch":
             cfg = _scaled_budget(cfg, sweep.budget_factor)
-        run = place(sweep.root, cfg, name, source=src)
+        run = place(sweep.root, cfg, name, sources=sources)
         run.labels = {a.name: lab for a, (lab, _, _) in zip(sweep.axes, combo)}
         if run.id in seen:
             raise SweepError(f"runs {seen[run.id]} and {name} have identical configs (id {run.id}); "

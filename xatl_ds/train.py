@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, RunConfig, ds_config_path, load_run_config
+from .config import ConfigError, RunConfig, check_ds_config, ds_config_path, load_run_config
 from .rundir import RunDir, RunLocked
 from .sizes import get_size
 
@@ -75,7 +75,7 @@ def resolve_precision(cfg: RunConfig, device: torch.device) -> str:
 
 def build_ds_config(cfg: RunConfig, world: int, precision: str) -> dict:
     """The named ds_configs/ JSON with batch, clipping and precision filled from the run."""
-    ds = json.loads(ds_config_path(cfg.deepspeed.config).read_text())
+    ds = check_ds_config(ds_config_path(cfg.deepspeed.config))
     micro, gas = cfg.batch_layout(world)
     ds["train_batch_size"] = cfg.data.batch_size
     ds["train_micro_batch_size_per_gpu"] = micro
@@ -102,7 +102,7 @@ def build_model(cfg: RunConfig, vocab_size: int):
 
     m = cfg.model
     ssm = dict(d_state=m.d_state, d_conv=m.d_conv, expand=m.expand, mamba2_headdim=m.mamba2_headdim,
-               chunk_size=m.chunk_size, kernels=m.kernels)  # fmt: skip
+               mamba2_ngroups=m.mamba2_ngroups, chunk_size=m.chunk_size, kernels=m.kernels)  # fmt: skip
     torch.manual_seed(cfg.seed)
     if cfg.init.kind == "scratch":
         size = get_size(m.size)
@@ -114,8 +114,11 @@ def build_model(cfg: RunConfig, vocab_size: int):
         if mc.vocab_size < vocab_size:
             raise ConfigError(f"model.vocab_size={mc.vocab_size} is smaller than the dataset's {vocab_size}")
         return XatlForCausalLM(mc), None
-    from .transfer import load_source, transfer
+    from .data import dataset_tokenizer_fingerprint
+    from .transfer import check_tokenizer_compat, load_source, transfer
 
+    # before the weights load: data tokenized with another tokenizer would train silently
+    warning = check_tokenizer_compat(cfg.init.source, dataset_tokenizer_fingerprint(cfg.data.path))
     src = load_source(cfg.init.source)
     mc = XatlConfig.from_source(src.model.config, mixer=m.mixer, attention_layers=m.attention_layers, **ssm)
     if mc.vocab_size < vocab_size:
@@ -125,6 +128,8 @@ def build_model(cfg: RunConfig, vocab_size: int):
         )
     model = XatlForCausalLM(mc)
     report = transfer(src.model, model, cfg.init.components, strict=cfg.init.strict, mixer_init=cfg.init.mixer)
+    if warning:
+        report.warnings.append(warning)
     del src
     return model, report.to_dict()
 
@@ -234,12 +239,7 @@ class Trainer:
 
     # -- budget --------------------------------------------------------------------
     def total_steps(self) -> int | None:
-        b = self.cfg.budget
-        if b.steps is not None:
-            return int(b.steps)
-        if b.tokens is not None:
-            return math.ceil(b.tokens / (self.cfg.data.batch_size * self.cfg.data.seq_len))
-        return None  # FLOP budget: ends when reached
+        return self.cfg.total_steps()  # None for a FLOP budget: it ends when reached
 
     def progress(self, step: int) -> float:
         total = self.total_steps()

@@ -117,7 +117,7 @@ def load_study(source: str | Path | dict) -> StudySpec:
     against the run config (a sample at the low end, high end and every choice)."""
     from .config import read_yaml_source
 
-    data, path = read_yaml_source(source, "study file", StudyError)
+    data, path = read_yaml_source(source, "study file", StudyError, needs="base: and search_space:")
     unknown = sorted(set(data) - _STUDY_KEYS)
     if unknown:
         raise StudyError(f"unknown study key(s) {unknown}; valid: {sorted(_STUDY_KEYS)}")
