@@ -56,7 +56,7 @@ def run_config(out_dir: Path, data: Path, steps: int, *, mixer: str = "attention
 
 
 def _env(threads: int) -> dict:
-    from xatl_ds.launch import train_env
+    from xatl_ds.executor import train_env
 
     env = train_env()
     env.update(OMP_NUM_THREADS=str(threads), XATL_NO_PROGRESS="1", HF_HUB_OFFLINE="1")
@@ -77,7 +77,7 @@ def run_trainer(cfg_path: Path, threads: int, port: int, timeout: float = 900) -
 
     import yaml
 
-    from xatl_ds.launch import LaunchOptions, deepspeed_command
+    from xatl_ds.executor import LaunchOptions, deepspeed_command
 
     cfg = yaml.safe_load(cfg_path.read_text())
     shutil.rmtree(cfg["out_dir"], ignore_errors=True)  # a DONE run would be skipped

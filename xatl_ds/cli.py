@@ -376,14 +376,14 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
 }
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The ``xatl-ds`` parser; ``only``: fill in just that command's arguments (the others
-    are listed with their help), which is all one invocation needs."""
+def build_parser(only: str | None = None, *, full: bool = False) -> argparse.ArgumentParser:
+    """The ``xatl-ds`` parser. Commands are listed with their help; their arguments are filled
+    in for ``only`` (all one invocation needs) or, with ``full``, for every command."""
     parser = argparse.ArgumentParser(prog="xatl-ds", description="Cross-Architecture Transfer Learning on DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        if only is None or only == name:
+        if full or only == name:
             add(p)
     return parser
 
@@ -392,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``xatl-ds`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    args = build_parser(command).parse_args(argv)
     return int(args.func(args) or 0)
 
 

@@ -30,13 +30,13 @@ Conventions (one FLOP = one multiply or one add; a multiply-add is 2):
   state (``2 Q P N``), a sequential state hand-off (``2 P N``) and the state's contribution
   to the outputs (``2 Q N P``). Backward: 2x for every part. (The torch path hands states on
   with one ``(chunks+1)^2`` matmul instead; that term is small either way.)
-* **Frozen weights** (``frozen_params``): with ``frozen_weight_grads=True`` (frozen groups
-  train at lr 0, as this project does, so autograd still computes everything) nothing
-  changes. With ``False`` (frozen tensors have ``requires_grad=False``) their weight
+* **Frozen weights** (``frozen_params``): with ``frozen_weight_grads=False`` (what the
+  trainer does: a frozen stage has lr 0 *and* ``requires_grad=False``) their weight
   gradients are dropped, and so are input gradients nobody needs: autograd only
   back-propagates into activations that depend on a parameter that needs a gradient (e.g.
   with a frozen embedding and first block, that block's backward disappears; a frozen
-  weight whose bias still trains keeps its output in the graph).
+  weight whose bias still trains keeps its output in the graph). ``True`` counts a step as if
+  frozen tensors still had gradients computed (an lr-0-only scheme; for comparisons).
 """
 from __future__ import annotations
 
