@@ -31,6 +31,7 @@ import torch
 
 from .config import ConfigError, RunConfig, check_ds_config, ds_config_path, load_run_config
 from .rundir import RunDir, RunLocked
+from .safe_load import CheckpointError
 from .sizes import get_size
 
 
@@ -111,6 +112,8 @@ def build_model(cfg: RunConfig, vocab_size: int):
             num_hidden_layers=size.n_layers, num_attention_heads=size.n_heads, mixer=m.mixer,
             attention_layers=m.attention_layers, **ssm,
         )  # fmt: skip
+        # the export must not claim a shorter context than the model was trained on
+        mc.max_position_embeddings = max(mc.max_position_embeddings, cfg.data.seq_len)
         if mc.vocab_size < vocab_size:
             raise ConfigError(f"model.vocab_size={mc.vocab_size} is smaller than the dataset's {vocab_size}")
         return XatlForCausalLM(mc), None
@@ -121,6 +124,11 @@ def build_model(cfg: RunConfig, vocab_size: int):
     warning = check_tokenizer_compat(cfg.init.source, dataset_tokenizer_fingerprint(cfg.data.path))
     src = load_source(cfg.init.source)
     mc = XatlConfig.from_source(src.model.config, mixer=m.mixer, attention_layers=m.attention_layers, **ssm)
+    if cfg.data.seq_len > mc.max_position_embeddings:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} is longer than init.source {cfg.init.source!r} was trained for "
+            f"(max_position_embeddings {mc.max_position_embeddings}); use data.seq_len <= {mc.max_position_embeddings}"
+        )
     if mc.vocab_size < vocab_size:
         raise ConfigError(
             f"init.source {cfg.init.source!r} has vocab {mc.vocab_size} but the dataset at data.path uses "
@@ -171,6 +179,7 @@ class Trainer:
         self.rundir = RunDir(cfg.out_dir)
         self.train_data = PackedTokens(cfg.data.path, "train")
         self.val_data = PackedTokens(cfg.data.path, "val")
+        self.val_data.check_fits(cfg.data.seq_len, cfg.eval.batches, 1)  # not only at the first evaluation
         self.micro, self.gas = cfg.batch_layout(world)
         self.precision = resolve_precision(cfg, device)
 
@@ -546,6 +555,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"xatl_ds.train: bad config: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:
+        print(f"xatl_ds.train: {e}", file=sys.stderr)
+        return 4
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
