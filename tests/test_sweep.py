@@ -89,8 +89,8 @@ def test_bad_combination_fails_before_anything_starts(tmp_path):
         expand(load_sweep(sweep_dict(tmp_path)), world_size=3)
 
 
-def test_dry_run_prints_the_exact_commands(tmp_path):
-    sw = load_sweep(sweep_dict(tmp_path / "sw", launch={"num_gpus": 2}))
+def test_dry_run_prints_the_exact_commands(tmp_path, tiny_dataset):
+    sw = load_sweep(sweep_dict(tmp_path / "sw", data=str(tiny_dataset), launch={"num_gpus": 2}))
     buf = io.StringIO()
     assert run_sweep(sw, LaunchOptions(hostfile="hosts", launcher="slurm"), dry_run=True, out=buf) == 0
     cmds = [shlex.split(x) for x in buf.getvalue().splitlines() if not x.startswith("#")]
@@ -279,3 +279,18 @@ def test_labels_and_names_cannot_escape_the_root(tmp_path, label):
     with pytest.raises(SweepError, match="is not a safe name"):
         load_sweep({"name": label, "out_dir": str(tmp_path / "root"), "base": {}, "axes": {"seed": [0]}})
     assert not (tmp_path / "root").exists() and not (tmp_path.parent / "escaped").exists()
+
+
+def test_dry_run_checks_data_before_anything_starts(tmp_path, tiny_dataset):
+    """Problems a launched rank would hit are named by --dry-run, and a real run stops there too."""
+    sw = load_sweep(sweep_dict(tmp_path / "sw", data=str(tmp_path / "no-such-data")))
+    with pytest.raises(SweepError, match=r"run source: data.path=.*no-such-data"):
+        run_sweep(sw, dry_run=True, out=io.StringIO())
+    with pytest.raises(SweepError, match=r"data.path=.*no-such-data"):
+        run_sweep(sw, out=io.StringIO())
+    assert not (tmp_path / "sw").exists(), "nothing written for a sweep that cannot run"
+    long = load_sweep(sweep_dict(tmp_path / "sw2", data=str(tiny_dataset), base={
+        "model": {"size": "micro"}, "init": {"source": SOURCE_REF}, "budget": {"steps": 3},
+        "data": {"path": str(tiny_dataset), "seq_len": 10**6, "batch_size": 2}}))  # fmt: skip
+    with pytest.raises(SweepError, match=r"data.seq_len"):
+        run_sweep(long, dry_run=True, out=io.StringIO())

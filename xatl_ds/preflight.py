@@ -46,6 +46,8 @@ def _check_data(cfg: RunConfig) -> None:
 
 
 def _check_source(cfg: RunConfig) -> None:
+    import json
+
     from .data import DataError, dataset_tokenizer_fingerprint
     from .transfer import TransferError, check_source_files, check_tokenizer_compat
 
@@ -55,3 +57,7 @@ def _check_source(cfg: RunConfig) -> None:
         check_tokenizer_compat(src, dataset_tokenizer_fingerprint(cfg.data.path))
     except (TransferError, DataError) as e:
         raise PreflightError(f"init.source={cfg.init.source!r}: {e}") from None
+    limit = json.loads((src / "config.json").read_text()).get("max_position_embeddings")
+    if limit and cfg.data.seq_len > int(limit):
+        raise PreflightError(f"data.seq_len={cfg.data.seq_len} is longer than init.source {cfg.init.source!r} was "
+                             f"trained for (max_position_embeddings {limit}); use data.seq_len <= {limit}")  # fmt: skip

@@ -401,6 +401,21 @@ def slot_options(opts: LaunchOptions, slot: int, max_parallel: int, n_devices: i
     return o
 
 
+def _preflight(runs: list[RunSpec], world_size: int | None) -> None:
+    """What would fail inside a launched rank, checked for every unfinished run before any
+    starts (a source the sweep trains itself is checked when its run starts)."""
+    from .config import load_run_config
+    from .preflight import PreflightError, preflight
+
+    for r in runs:
+        if r.dir.is_done():
+            continue
+        try:
+            preflight(load_run_config(r.config), world_size=world_size, check_source=not r.needs)
+        except PreflightError as e:
+            raise SweepError(f"run {r.name}: {e}") from None
+
+
 #: seconds a launcher gives a run's previous trainer to let go of its lock (an orphan of a
 #: killed launcher stops within about a second)
 LOCK_WAIT = 15.0
@@ -417,6 +432,7 @@ def run_sweep(sweep: Sweep, opts: LaunchOptions | None = None, *, max_parallel: 
     if max_parallel < 1:
         raise SweepError("--max-parallel must be >= 1")
     n_dev = cuda_devices() if max_parallel > 1 else 0
+    _preflight(runs, opts.world_size())
     if dry_run:
         for slot, r in enumerate(runs):
             cmd = deepspeed_command(r.config_path, slot_options(opts, slot % max_parallel, max_parallel, n_dev))

@@ -72,7 +72,7 @@ import yaml
 
 from .executor import Launch, LaunchOptions, RunLocked, check_free, deepspeed_command, train_env, with_port
 from .rundir import RunDir, pid_alive
-from .runspec import SOURCE_REF, PlanError, RunSpec, source_spec
+from .runspec import SOURCE_REF, PlanError, RunSpec, check_name, source_spec
 
 OBJECTIVES = ("val_loss", "flops_to_target")
 _STUDY_KEYS = {"study_name", "storage", "out_dir", "n_trials", "base", "source", "search_space", "objective",
@@ -122,6 +122,10 @@ def load_study(source: str | Path | dict) -> StudySpec:
     if unknown:
         raise StudyError(f"unknown study key(s) {unknown}; valid: {sorted(_STUDY_KEYS)}")
     name = str(data.get("study_name") or (path.stem if path else "study"))
+    try:
+        check_name(name, "study_name")  # it names the default storage file and the trial runs
+    except PlanError as e:
+        raise StudyError(str(e)) from None
     here = path.resolve().parent if path else Path.cwd()
     storage = data.get("storage") or f"sqlite:///{here / (name + '.db')}"
     space = data.get("search_space") or {}

@@ -23,12 +23,13 @@ from .mixer_init import MIXER_INITS
 from .planner import ATTN_OUT_MISMATCH, DEFAULT_COMPONENTS, TransferPlan, plan_transfer
 from .request import TransferRequest, transfer_to_dir
 from .report import REPORT_FILE, ComponentReport, InitTensor, LayerInitReport, TensorCopy, TransferReport, transferred_parameter_names
-from .source import LoadedSource, load_source
+from .source import LoadedSource, check_source_files, load_source
 from .target import build_target
 from .tokenizer import check_tokenizer_compat
 
 __all__ = [
     "ATTN_OUT_MISMATCH",
+    "check_source_files",
     "COMPONENTS",
     "DEFAULT_COMPONENTS",
     "MIXER_INITS",

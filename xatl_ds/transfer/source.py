@@ -71,8 +71,12 @@ def check_safetensors_file(path: Path) -> None:
         )
 
 
-def _check_local_weights(path: Path) -> None:
-    """Named errors for a directory whose weights are missing, pickle-only or truncated."""
+def check_source_files(path: Path) -> None:
+    """Named errors for a local source directory whose config.json or weights are missing,
+    pickle-only or truncated: what a launcher checks before any process starts."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise SourceLoadError(f"source directory {str(path)!r} has no config.json: it is not a model saved with save_pretrained")
     shards = sorted(path.glob("*.safetensors"))
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -152,7 +156,7 @@ def load_source(src: str | os.PathLike, dtype: torch.dtype = torch.float32) -> L
             f"LM head would be randomly initialised. Save the {causal} model instead"
         )
     if local:
-        _check_local_weights(path)
+        check_source_files(path)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             where, dtype=dtype, trust_remote_code=False, use_safetensors=True, output_loading_info=True
