@@ -18,14 +18,14 @@ from conftest import REPO, train_env
 
 pytestmark = pytest.mark.slow
 XATL = str(Path(sys.executable).parent / "xatl-ds")
-STEPS = 60
+STEPS = 300
 
 
 def run_config(tmp_path: Path, data: Path, name: str = "victim", **extra) -> dict:
     cfg = {
         "name": name, "out_dir": str(tmp_path / name), "model": {"size": "micro", "mixer": "retnet"},
         "data": {"path": str(data), "seq_len": 32, "batch_size": 4}, "budget": {"steps": STEPS},
-        "eval": {"every": 20, "batches": 1}, "checkpoint": {"every": 2, "keep": 1},
+        "eval": {"every": 50, "batches": 1}, "checkpoint": {"every": 5, "keep": 1},
         "deepspeed": {"config": "zero0.json"}, "optim": {"warmup_steps": 2},
     }  # fmt: skip
     cfg.update(extra)

@@ -244,7 +244,7 @@ def run_foreground(cmd: list[str]) -> int:
     return 128 + got[0] if got else rc
 
 
-def watch_owner(interval: float = 1.0) -> None:
+def watch_owner(interval: float = 0.5) -> None:
     """In a rank: end this process (SIGTERM to itself) when the process that launched the run
     (``XATL_OWNER``) is gone, and when this rank's parent (the launcher) dies. No-op for runs
     started by hand (``deepspeed ...`` without xatl-ds)."""
