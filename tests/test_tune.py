@@ -296,3 +296,27 @@ def test_real_trial_reports_intermediate_values(tmp_path, tiny_dataset, monkeypa
     assert sorted(vals) == [2, 4, 6, 8]
     assert t.intermediate_values == pytest.approx(vals) and t.value == pytest.approx(vals[8])
     assert rows[0]["lr"] and load_run_config(tmp_path / "study" / "best.yaml").optim.lr == pytest.approx(t.params["optim.lr"])
+
+
+def test_attention_placement_search(tmp_path):
+    """``type: layers`` searches which k of n layers keep attention: every draw is k distinct
+    layers with k in range, draws differ, and the stored params map back to the same list
+    (what best.yaml gets)."""
+    from xatl_ds.tune import params_to_values, suggest
+
+    d = study_dict(tmp_path, f"sqlite:///{tmp_path / 'p.db'}")
+    d["base"]["model"]["size"] = "tiny"  # 4 layers
+    d["search_space"] = {"model.attention_layers": {"type": "layers", "n_layers": 4, "k_low": 1, "k_high": 3}}
+    spec = load_study(d)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    seen = set()
+    for _ in range(12):
+        t = study.ask()
+        layers = suggest(t, spec)["model.attention_layers"]
+        assert 1 <= len(layers) <= 3 and layers == sorted(set(layers)) and all(0 <= i < 4 for i in layers)
+        assert params_to_values(spec, t.params) == {"model.attention_layers": layers}
+        seen.add(tuple(layers))
+        study.tell(t, float(len(layers)))
+    assert len(seen) >= 5
+    with pytest.raises(StudyError, match="k_low <= k_high <= n_layers"):
+        load_study({**d, "search_space": {"model.attention_layers": {"type": "layers", "n_layers": 2, "k_high": 3}}})

@@ -16,6 +16,7 @@ A study YAML::
       freeze.unfreeze_order: {type: categorical, choices: {all: all, staged: "norms > mlp > embed,lm_head"}}
       init.components: {type: categorical, choices: {paper: [embed, lm_head, ...], no_mlp: [...]}}
       optim.lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}
+      model.attention_layers: {type: layers, n_layers: 6, k_low: 1, k_high: 2}   # which k layers keep attention
     objective: {metrics: [val_loss]}   # or [val_loss, flops_to_target] with target_loss: 5.0
     pruner: {type: median, n_startup_trials: 2, n_warmup_steps: 20}  # median | hyperband | none
     sampler: {type: tpe, seed: 0}
@@ -109,7 +110,7 @@ class StudySpec:
     path: Path | None = None
 
 
-_PARAM_TYPES = ("float", "int", "categorical")
+_PARAM_TYPES = ("float", "int", "categorical", "layers")
 
 
 def load_study(source: str | Path | dict) -> StudySpec:
@@ -170,6 +171,12 @@ def _check_param(key: str, spec: Any) -> None:
             raise StudyError(f"search_space.{key}: a {t} needs low <= high")
         if spec.get("log") and float(spec["low"]) <= 0:
             raise StudyError(f"search_space.{key}: log: true needs low > 0")
+    elif t == "layers":
+        n, lo, hi = spec.get("n_layers"), spec.get("k_low", 1), spec.get("k_high", spec.get("k_low", 1))
+        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (n, lo, hi))
+        if not ok or not 0 <= lo <= hi <= n or n < 1:
+            raise StudyError(f"search_space.{key}: layers needs n_layers (the model's layer count) and "
+                             "0 <= k_low <= k_high <= n_layers: which k of the n layers keep attention")  # fmt: skip
     else:
         ch = spec.get("choices")
         if not isinstance(ch, (list, dict)) or not ch:
@@ -186,6 +193,9 @@ def _param_values(spec: dict) -> list[Any]:
         return [float(spec["low"]), float(spec["high"])]
     if t == "int":
         return [int(spec["low"]), int(spec["high"])]
+    if t == "layers":  # the first k and the last k layers, at both ends of k
+        n, lo, hi = spec["n_layers"], spec.get("k_low", 1), spec.get("k_high", spec.get("k_low", 1))
+        return [list(range(lo)), list(range(n - hi, n))]
     ch = spec["choices"]
     return list(ch.values()) if isinstance(ch, dict) else list(ch)
 
@@ -359,11 +369,27 @@ def heartbeat_interval(study) -> int | None:
     return st.get_heartbeat_interval() if hasattr(st, "get_heartbeat_interval") else None
 
 
+def _layers(key: str, p: dict, get) -> list[int]:
+    """Attention placement: ``k`` (an int parameter ``KEY.k``) and one score per layer
+    (``KEY.score<i>`` in [0, 1)); the k best-scored layers keep attention. Scores let TPE learn
+    which layers matter without enumerating the n-choose-k subsets."""
+    n, lo, hi = p["n_layers"], p.get("k_low", 1), p.get("k_high", p.get("k_low", 1))
+    k = get(f"{key}.k", "int", lo, hi)
+    scores = [get(f"{key}.score{i}", "float", 0.0, 1.0) for i in range(n)]
+    return sorted(sorted(range(n), key=lambda i: -scores[i])[:k])
+
+
 def suggest(trial, spec: StudySpec) -> dict:
     """Sample every search-space parameter; returns dotted key -> run config value."""
     out = {}
+
+    def draw(name: str, kind: str, low, high):
+        return trial.suggest_int(name, low, high) if kind == "int" else trial.suggest_float(name, low, high)
+
     for key, p in spec.search_space.items():
-        if p["type"] == "float":
+        if p["type"] == "layers":
+            out[key] = _layers(key, p, draw)
+        elif p["type"] == "float":
             out[key] = trial.suggest_float(key, float(p["low"]), float(p["high"]), log=bool(p.get("log")))
         elif p["type"] == "int":
             out[key] = trial.suggest_int(key, int(p["low"]), int(p["high"]), step=int(p.get("step", 1)),
@@ -376,11 +402,14 @@ def suggest(trial, spec: StudySpec) -> dict:
 
 
 def params_to_values(spec: StudySpec, params: dict) -> dict:
-    """Optuna's stored params (choice names) -> run config values."""
+    """Optuna's stored params (choice names, placement scores) -> run config values."""
     out = {}
-    for key, v in params.items():
-        ch = spec.search_space.get(key, {}).get("choices")
-        out[key] = ch[v] if isinstance(ch, dict) else v
+    for key, p in spec.search_space.items():
+        if p["type"] == "layers":
+            out[key] = _layers(key, p, lambda name, *_: params[name])
+        elif key in params:
+            ch = p.get("choices")
+            out[key] = ch[params[key]] if isinstance(ch, dict) else params[key]
     return out
 
 
