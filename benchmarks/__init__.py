@@ -2,7 +2,9 @@
 
 Sections: training throughput per mixer (:mod:`benchmarks.throughput`), trainer overhead
 under the deepspeed launcher (:mod:`benchmarks.trainer_overhead`), cached generation
-(:mod:`benchmarks.generation`) and a prepared CUDA check (``benchmarks/gpu_check.py``).
+(:mod:`benchmarks.generation`), RetNet's forms (:mod:`benchmarks.retnet_forms`), the step cost
+of distillation (:mod:`benchmarks.distill_overhead`) and a prepared CUDA check
+(``benchmarks/gpu_check.py``).
 
 Figures of merit are *ratios* between variants timed interleaved in one process (A, B, A,
 B, ... then medians), so load from other jobs on a shared machine hits every variant alike.

@@ -25,7 +25,7 @@ BUSY_LOAD = 2.5
 TARGETS = {"mamba": 0.5, "mamba2": 0.7, "retnet": 0.7}
 HF_TARGET = 80.0
 TRAINER_TARGET = 1.10
-SECTIONS = ("throughput", "hf", "trainer", "retnet", "generation")
+SECTIONS = ("throughput", "hf", "trainer", "retnet", "generation", "distill")
 
 
 def run_suite(args: argparse.Namespace) -> dict:
@@ -73,6 +73,11 @@ def run_suite(args: argparse.Namespace) -> dict:
         contexts = [int(c) for c in args.contexts.split(",")]
         set_threads(args.gen_threads)
         timed_section("generation", lambda: generation_bench(shape, contexts=contexts, new_tokens=args.new_tokens))
+    if "distill" in sections:
+        from .distill_overhead import distill_overhead
+
+        small = dict(size="micro", batch=2, seq=32, vocab=320, steps=2) if args.quick else {}
+        timed_section("distill", lambda: distill_overhead(args.work, **small))
         set_threads(args.threads)
     res["info"]["load_average_end"] = load_average()
     return res
@@ -208,6 +213,10 @@ def render(res: dict) -> str:
               "parallel form** (ratio > 1: parallel faster). Training runs the parallel form up to "
               f"`RetNetMixer.parallel_max_len` = {r['parallel_max_len']} tokens, chunkwise beyond.", "",
               render_retnet(r)]  # fmt: skip
+    if "distill" in res:
+        from .distill_overhead import results_section
+
+        L += ["", results_section(res["distill"], info)]
     L += ["", "## 5. GPU", "",
           "Not run here (no GPU). On a CUDA machine: `python benchmarks/gpu_check.py --out DIR` checks the torch "
           "paths against the mamba-ssm / causal-conv1d kernels (fp32 and bf16; logits, mixer outputs, gradients, "
@@ -250,7 +259,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "RESULTS.md"), help="markdown report path")
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--work", default=os.path.join(REPO, "runs", "bench"), help="scratch dir (data, trainer runs)")
-    p.add_argument("--sections", default="throughput,hf,trainer,retnet,generation")
+    p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--gen-threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)

@@ -176,6 +176,62 @@ class DeepSpeedSection:
 
 
 @dataclass
+class DistillSection:
+    """Distillation from a teacher (see ``xatl_ds/distill.py``): the loss becomes
+    ``ce_weight * CE + kl_weight * T^2 * KL(teacher || student) + reverse_kl_weight * T^2 *
+    KL(student || teacher)`` on the next-token distributions at temperature ``T``."""
+
+    enabled: bool = False
+    """Train against the teacher's next-token distributions (off: plain next-token CE)."""
+    teacher: str | None = None
+    """The teacher: a causal LM directory or hub name with the dataset's tokenizer and the
+    student's vocabulary, loaded like an XATL source (safetensors only, no remote code).
+    Default: ``init.source``."""
+    kl_weight: float = 1.0
+    """Weight of the forward KL(teacher || student) (MambaInLlama: 1 with ``ce_weight`` 0)."""
+    reverse_kl_weight: float = 0.0
+    """Weight of the reverse KL(student || teacher) (mode-seeking)."""
+    ce_weight: float = 0.0
+    """Weight of the next-token cross-entropy on the data."""
+    temperature: float = 1.0
+    """Softmax temperature ``T`` of both distributions; the KL terms are scaled by ``T^2`` so
+    their gradients keep their size."""
+    count_teacher_in_budget: bool = True
+    """``budget.flops`` counts the teacher's forward FLOPs with the student's (metrics keep
+    them apart: ``flops`` is the student's, ``teacher_flops`` the teacher's); false: the
+    budget counts the student alone."""
+
+
+@dataclass
+class AlignSection:
+    """An alignment stage before end-to-end training (MOHAWK stage 2, RADLADS step 1): each
+    new mixer learns to reproduce the teacher's attention output in its layer, given the
+    teacher's hidden state as input (per-layer MSE). Only those mixers train; then the run
+    goes on with its loss, ``freeze`` policy and unfreeze order, counted from the stage's end."""
+
+    enabled: bool = False
+    """Run the stage (needs ``init.kind: xatl``; the teacher, ``distill.teacher`` or the
+    source, must have the student's blocks)."""
+    steps: int = 100
+    """Steps of the stage (``until: steps``), or its cap (``until: lit``). They are part of
+    the run's budget."""
+    until: str = "steps"
+    """``steps``: end after ``steps``; ``lit``: end when the alignment loss stops improving
+    (the LIT rule of ``freeze``, with ``window``, ``threshold`` and ``patience`` below)."""
+    window: int = 20
+    """``lit``: steps per averaging window of the alignment loss."""
+    threshold: float = 0.01
+    """``lit``: relative improvement between windows below which one unit of patience goes."""
+    patience: int = 1
+    """``lit``: windows below ``threshold`` before the stage ends."""
+    lr: float | None = None
+    """Learning rate of the stage (constant after ``warmup_steps``); default: the run's peak
+    ``optim.lr``. The main schedule (warmup, cosine) starts when the stage ends."""
+    warmup_steps: int = 0
+    """Linear warmup steps of the stage's learning rate."""
+
+
+@dataclass
 class RunConfig:
     """One training run."""
 
@@ -191,6 +247,10 @@ class RunConfig:
     """Weight initialisation (scratch or XATL transfer)."""
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     """When transferred weights start training (LIT and friends)."""
+    distill: DistillSection = field(default_factory=DistillSection)
+    """Distillation from a teacher (KL and/or reverse KL mixed with CE)."""
+    align: AlignSection = field(default_factory=AlignSection)
+    """Optional alignment stage of the new mixers before end-to-end training."""
     optim: OptimSection = field(default_factory=OptimSection)
     """Optimizer and schedule."""
     data: DataSection = field(default_factory=DataSection)
@@ -271,6 +331,7 @@ class RunConfig:
             raise ConfigError(
                 f"budget: set exactly one of steps, tokens, flops (got {set_budgets or 'none'})"
             )
+        _check_distill_align(self)
         _check_freeze_steps(self)
         _choice("deepspeed.precision", self.deepspeed.precision, ("auto", "fp32", "bf16", "fp16"))
         check_ds_config(self.deepspeed.config)
@@ -385,6 +446,17 @@ NUMBER_RULES: dict[str, NumberRule] = {
     "eval.batches": _int(1, "validation batches per evaluation"),
     "checkpoint.every": _int(1, "save every N steps"),
     "checkpoint.keep": _int(1, "checkpoints kept on disk"),
+    "distill.kl_weight": NumberRule(False, low=0, hint="weight of KL(teacher || student), e.g. 1.0"),
+    "distill.reverse_kl_weight": NumberRule(False, low=0, hint="weight of KL(student || teacher), 0 = off"),
+    "distill.ce_weight": NumberRule(False, low=0, hint="weight of the data's cross-entropy, 0 = off"),
+    "distill.temperature": NumberRule(False, low=0, low_open=True, hint="softmax temperature, e.g. 1.0 or 2.0"),
+    "align.steps": _int(1, "steps of the alignment stage (its cap with until: lit)"),
+    "align.window": _int(1, "steps per window of the alignment loss"),
+    "align.threshold": NumberRule(False, low=0, low_open=True, hint="a relative improvement such as 0.01"),
+    "align.patience": _int(1, "windows below threshold before the stage ends"),
+    "align.lr": NumberRule(False, low=0, low_open=True, optional=True,
+                           hint="e.g. 1e-3; omit it to take the run's peak lr"),
+    "align.warmup_steps": _int(0, "0 = no warmup"),
 }
 
 #: string fields that must not be empty
@@ -415,17 +487,61 @@ def _check_texts(cfg: "RunConfig") -> None:
 
 def _check_freeze_steps(cfg: "RunConfig") -> None:
     """A ``fixed`` unfreeze step at or past the run's end would silently never release its
-    stage. Known only for step and token budgets (see ``budget.flops``)."""
+    stage. Known only for step and token budgets (see ``budget.flops``). After an alignment
+    stage of fixed length the freeze steps count from its end."""
     fr, total = cfg.freeze, cfg.total_steps()
     if cfg.init.kind != "xatl" or fr.policy != "fixed" or total is None:
         return
     budget = "budget.steps" if cfg.budget.steps is not None else "budget.tokens"
+    after = ""
+    if cfg.align.enabled and cfg.align.until == "steps":
+        total -= cfg.align.steps
+        after = f" after the {cfg.align.steps} align.steps"
     for j, s in enumerate(fr.steps):
         if s >= total:
             raise ConfigError(
-                f"freeze.steps[{j}]={s} is not before the end of the run ({total} steps from {budget}): "
+                f"freeze.steps[{j}]={s} is not before the end of the run ({total} steps from {budget}{after}): "
                 f"that stage would never unfreeze; choose steps below {total} or a longer budget"
             )
+
+
+def _check_distill_align(cfg: "RunConfig") -> None:
+    """The teacher must exist, distillation must weigh a teacher term, and the alignment
+    stage needs an XATL student and must end before the run does."""
+    d, a = cfg.distill, cfg.align
+    if d.teacher is not None and (not isinstance(d.teacher, str) or not d.teacher.strip()):
+        raise ConfigError(f"distill.teacher={d.teacher!r} must be a model directory or hub name (or omitted)")
+    if d.teacher is not None and not (d.enabled or a.enabled):
+        raise ConfigError(
+            "distill.teacher is set but neither distill.enabled nor align.enabled is true: set one of them, "
+            "or drop distill.teacher"
+        )
+    if (d.enabled or a.enabled) and not (d.teacher or cfg.init.source):
+        what = "distill.enabled" if d.enabled else "align.enabled"
+        raise ConfigError(
+            f"{what} needs a teacher: set distill.teacher (a causal LM directory or hub name), or use "
+            "init.kind: xatl, whose init.source is the default teacher"
+        )
+    if d.enabled and d.kl_weight == 0 and d.reverse_kl_weight == 0:
+        raise ConfigError(
+            "distill.enabled with distill.kl_weight and distill.reverse_kl_weight both 0 would train on "
+            "cross-entropy alone: give a KL term a weight > 0 (e.g. kl_weight: 1.0), or set distill.enabled: false"
+        )
+    _choice("align.until", a.until, ("steps", "lit"))
+    if not a.enabled:
+        return
+    if cfg.init.kind != "xatl":
+        raise ConfigError(
+            "align.enabled needs init.kind: xatl: the stage trains each new mixer to reproduce the "
+            "source's attention in its layer, so there must be a source; turn align off for a scratch run"
+        )
+    total = cfg.total_steps()
+    if a.until == "steps" and total is not None and a.steps >= total:
+        budget = "budget.steps" if cfg.budget.steps is not None else "budget.tokens"
+        raise ConfigError(
+            f"align.steps={a.steps} leaves no step after the alignment stage ({total} steps from {budget}); "
+            f"choose align.steps below {total} or a longer budget"
+        )
 
 
 def _check_machine(cfg: "RunConfig") -> None:

@@ -37,6 +37,9 @@ Conventions (one FLOP = one multiply or one add; a multiply-add is 2):
   with a frozen embedding and first block, that block's backward disappears; a frozen
   weight whose bias still trains keeps its output in the graph). ``True`` counts a step as if
   frozen tensors still had gradients computed (an lr-0-only scheme; for comparisons).
+* **Teachers and the alignment stage**: :func:`forward_flops` counts a forward alone (a
+  distillation teacher's cost per step, the LM head optionally on fewer positions) and
+  :func:`alignment_step_flops` a step of the alignment stage, both from the same parts.
 """
 from __future__ import annotations
 
@@ -405,3 +408,40 @@ def flops_per_token_6N(config: XatlConfig) -> int:
     """The standard ``6 N`` training FLOPs per token, ``N`` = :func:`matmul_params` total
     (no attention/scan terms): a sanity cross-check for :func:`step_flops`."""
     return 6 * sum(matmul_params(config).values())
+
+
+# -- distillation and alignment (forward-only and per-mixer counts) ------------------------
+def forward_flops(config: XatlConfig, batch: int, seq_len: int, head_positions: int | None = None) -> int:
+    """FLOPs of one forward pass (no backward) over ``batch x seq_len`` tokens: what a
+    distillation teacher costs per step, about a third of :func:`step_flops`' total.
+
+    ``head_positions``: the LM head runs on only that many positions per sequence
+    (``logits_to_keep``), as in the alignment stage, which needs hidden states, not logits.
+    """
+    parts = step_flops(config, batch, seq_len).parts
+    total = sum(p.forward for p in parts)
+    if head_positions is not None:
+        k = head_positions
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= seq_len:
+            raise ValueError(f"head_positions={head_positions!r} must be an integer in [1, seq_len={seq_len}]")
+        head = next(p for p in parts if p.name == "lm_head")
+        total += head.forward * head_positions // seq_len - head.forward
+    return total
+
+
+def alignment_step_flops(config: XatlConfig, batch: int, seq_len: int) -> int:
+    """FLOPs of one alignment-stage step of the student (:mod:`xatl_ds.distill`): its whole
+    forward, with the LM head on one position per sequence (the blocks run as usual, each
+    non-attention mixer fed the teacher's input), plus the backward of every non-attention
+    mixer alone. A mixer's input is the teacher's hidden state, which needs no gradient, so
+    its first projection has no input gradient; nothing outside the mixers is
+    back-propagated (the mixers' outputs leave the residual stream detached)."""
+    fwd = forward_flops(config, batch, seq_len, head_positions=1)
+    g = _Graph(config, batch, seq_len, frozenset(), True)
+    for i, kind in enumerate(config.layer_mixers):
+        if kind == "attention":
+            continue
+        p = f"model.layers.{i}"
+        g.rg[f"{p}.teacher_input"] = False
+        _MIXERS[kind](g, f"{p}.mixer", f"{p}.teacher_input")
+    return fwd + sum(p.backward + p.weight_grads for p in g.parts)

@@ -15,6 +15,15 @@ both scaled by lr) *and* ``requires_grad=False`` after ``initialize`` (so autogr
 its weight gradients, they stay out of the clipping norm, and the step costs less).
 Unfreezing sets ``requires_grad`` back and ramps the group's lr. Tests prove at ZeRO 0-3
 that frozen tensors stay bit-identical and move once released.
+
+Teachers (:mod:`xatl_ds.distill`). With ``distill`` the loss of a step is the distillation
+loss against a teacher running beside the engine (no gradients, the run's precision,
+partitioned under ZeRO-3); with ``align`` the run starts with the alignment stage, in which
+only the new mixers' parameter groups have a learning rate (the aligned mixers' parameters
+get groups of their own for that) and the freeze controller is not fed: its steps, the main
+schedule's warmup and cosine count from the stage's end. The teacher's forward FLOPs are a
+column of their own (``teacher_flops``), and its validation loss is measured on the run's
+validation batches for every run that has a teacher (XATL runs: the source).
 """
 from __future__ import annotations
 
@@ -142,17 +151,21 @@ def build_model(cfg: RunConfig, vocab_size: int):
     return model, report.to_dict()
 
 
-def param_groups(model, stage_of: dict[str, int], weight_decay: float) -> tuple[list[dict], list[int]]:
-    """One AdamW group per (stage, decay?) pair; returns the groups and each group's stage."""
-    buckets: dict[tuple[int, bool], list] = {}
+def param_groups(model, stage_of: dict[str, int], weight_decay: float,
+                 aligned: frozenset[str] = frozenset()) -> tuple[list[dict], list[int], list[bool]]:  # fmt: skip
+    """One AdamW group per (stage, decay?, aligned?) triple; returns the groups, each group's
+    stage and whether it holds parameters of the alignment stage (``aligned`` names: they
+    train while everything else has lr 0, so they need groups of their own)."""
+    buckets: dict[tuple[int, bool, bool], list] = {}
     for name, p in model.named_parameters():
         decay = p.dim() >= 2 and "embed_tokens" not in name and "A_log" not in name
-        buckets.setdefault((stage_of[name], decay), []).append(p)
-    groups, stages = [], []
-    for (stage, decay), params in sorted(buckets.items()):
+        buckets.setdefault((stage_of[name], decay, name in aligned), []).append(p)
+    groups, stages, align = [], [], []
+    for (stage, decay, in_align), params in sorted(buckets.items()):
         groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": 0.0})
         stages.append(stage)
-    return groups, stages
+        align.append(in_align)
+    return groups, stages, align
 
 
 def lr_at(cfg: RunConfig, peak: float, step: int, progress: float) -> float:
@@ -189,6 +202,14 @@ class Trainer:
             {c for c, v in self.transfer_report["components"].items() if v["tensors"]} if self.transfer_report else set()
         )
         self.ctrl = FreezeController(cfg.freeze, present)
+        # the alignment stage comes first; the freeze controller counts its steps from its end
+        self.align_ctrl = None
+        self.align_names: frozenset[str] = frozenset()
+        if cfg.align.enabled:
+            from .distill import AlignThenFreeze, alignment_param_names
+
+            self.align_ctrl = self.ctrl = AlignThenFreeze(cfg.align, self.ctrl)
+            self.align_names = frozenset(alignment_param_names((n for n, _ in model.named_parameters()), model.config))
         comp = components_of(model)
         self.stage_of = param_stage_map(comp, cfg.freeze, present)
         self.names_by_stage: dict[int, list[str]] = {}
@@ -198,7 +219,8 @@ class Trainer:
         self.new_param_names = [n for n, c in comp.items() if self.stage_of[n] == TRAINABLE]
         size_lr = get_size(cfg.model.size).lr if cfg.init.kind == "scratch" else None
         self.peak_lr = cfg.optim.lr or size_lr or 3e-4
-        groups, self.group_stages = param_groups(model, self.stage_of, cfg.optim.weight_decay)
+        groups, self.group_stages, self.group_aligned = param_groups(model, self.stage_of, cfg.optim.weight_decay,
+                                                                     self.align_names)  # fmt: skip
         opt = torch.optim.AdamW(groups, lr=self.peak_lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
 
         import deepspeed
@@ -207,34 +229,101 @@ class Trainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
         self.zero_stage = self.engine.zero_optimization_stage()
         self.params = dict(self.engine.module.named_parameters())
+        self.teacher = None  # the distillation / alignment teacher (distill.Teacher)
+        self.teacher_val_loss: float | None = None
+        if cfg.distill.enabled or cfg.align.enabled:
+            self.teacher = self._place_teacher(self._load_teacher(), ds_cfg)
 
         # counters restored on resume
         self.step = 0
         self.tokens = 0
         self.flops = 0.0
+        self.teacher_flops = 0.0  # derived from the step (teacher_flops_at), not saved
         self.wall = 0.0
         self.last_val: float | None = None
         self._flops_cache: dict[frozenset, float] = {}
 
+    # -- the teacher (distill.Teacher) -------------------------------------------------
+    def _load_teacher(self):
+        """The run's teacher, loaded and checked against the student and the data."""
+        from .distill import TeacherError, check_alignable, load_teacher, teacher_spec
+
+        spec = teacher_spec(self.cfg)
+        try:
+            loaded = load_teacher(spec, self.cfg.data.path, self.model_config.vocab_size)
+            if self.cfg.align.enabled:
+                check_alignable(self.model_config, loaded.config, spec)
+        except TeacherError as e:
+            raise ConfigError(f"distill.teacher: {e}") from None
+        if self.cfg.data.seq_len > loaded.config.max_position_embeddings:
+            raise ConfigError(
+                f"data.seq_len={self.cfg.data.seq_len} is longer than teacher {spec!r} was trained for "
+                f"(max_position_embeddings {loaded.config.max_position_embeddings}); lower data.seq_len"
+            )
+        return loaded
+
+    def _place_teacher(self, loaded, ds_cfg: dict | None):
+        from .distill import Teacher
+
+        return Teacher(loaded, self.device, self.precision, self.zero_stage if ds_cfg else 0, ds_cfg)
+
+    def teacher_phase_flops(self) -> tuple[int, int]:
+        """Analytic FLOPs of one teacher forward per step ``(alignment stage, end-to-end)``:
+        the blocks with the LM head on one position while aligning, the whole forward when
+        distilling, 0 when the teacher does not run (or there is none)."""
+        if self.teacher is None:
+            return 0, 0
+        from .flops import forward_flops
+
+        c, b, L = self.teacher.config, self.cfg.data.batch_size, self.cfg.data.seq_len
+        align = forward_flops(c, b, L, head_positions=1) if self.align_ctrl is not None else 0
+        return align, forward_flops(c, b, L) if self.cfg.distill.enabled else 0
+
+    def teacher_flops_at(self, steps_done: int) -> float:
+        """Cumulative teacher FLOPs after ``steps_done`` steps, in closed form (each phase
+        costs the same every step), so a resumed run counts exactly what an uninterrupted one
+        does without saving anything."""
+        per_align, per_main = self.teacher_phase_flops()
+        end = self.align_ctrl.end if self.align_ctrl is not None else None
+        n_align = 0 if self.align_ctrl is None else steps_done if end is None else min(steps_done, end.step)
+        return float(n_align * per_align + (steps_done - n_align) * per_main)
+
     # -- freezing ----------------------------------------------------------------
+    def aligning(self, step: int) -> bool:
+        """Whether ``step`` is a step of the alignment stage."""
+        return self.align_ctrl is not None and self.align_ctrl.aligning(step)
+
     def frozen_stages(self, step: int) -> set[int]:
         """Stages whose lr multiplier is exactly 0 at ``step`` (never released, or not yet)."""
         return {s for s in self.names_by_stage if s != self.TRAINABLE and self.ctrl.lr_scale(s, step) == 0.0}
 
     def apply_freeze(self, step: int) -> None:
-        """requires_grad follows the controller (lr 0 alone would still compute weight grads)."""
+        """requires_grad follows the controller (lr 0 alone would still compute weight grads);
+        in the alignment stage only the aligned mixers' parameters train."""
+        if self.aligning(step):
+            for n, p in self.params.items():
+                p.requires_grad_(n in self.align_names)
+            return
         frozen = self.frozen_stages(step)
         for s, names in self.names_by_stage.items():
             for n in names:
                 self.params[n].requires_grad_(s not in frozen)
 
     def frozen_param_names(self, step: int) -> frozenset:
+        if self.aligning(step):
+            return frozenset(n for n in self.params if n not in self.align_names)
         frozen = self.frozen_stages(step)
         return frozenset(n for s in frozen for n in self.names_by_stage[s])
 
     def step_flops(self, step: int) -> float:
-        from .flops import step_flops
+        from .flops import alignment_step_flops, step_flops
 
+        if self.aligning(step):
+            if "align" not in self._flops_cache:
+                self._flops_cache["align"] = float(
+                    alignment_step_flops(self.model_config, self.cfg.data.batch_size, self.cfg.data.seq_len)
+                )
+            return self._flops_cache["align"]
         key = self.frozen_param_names(step)
         if key not in self._flops_cache:
             fc = step_flops(self.model_config, self.cfg.data.batch_size, self.cfg.data.seq_len, key,
@@ -250,17 +339,32 @@ class Trainer:
     def total_steps(self) -> int | None:
         return self.cfg.total_steps()  # None for a FLOP budget: it ends when reached
 
+    def spent_flops(self) -> float:
+        """What ``budget.flops`` counts: the student's FLOPs, plus the teacher's unless
+        ``distill.count_teacher_in_budget`` is off."""
+        return self.flops + (self.teacher_flops if self.cfg.distill.count_teacher_in_budget else 0.0)
+
     def progress(self, step: int) -> float:
+        """Progress of the main schedule, which starts after the alignment stage."""
+        start, spent_before = self.align_ctrl.main_start() if self.align_ctrl is not None else (0, 0.0)
         total = self.total_steps()
         if total is not None:
-            return step / max(1, total)
-        return self.flops / float(self.cfg.budget.flops)
+            return (step - start) / max(1, total - start)
+        remaining = float(self.cfg.budget.flops) - spent_before
+        return (self.spent_flops() - spent_before) / remaining if remaining > 0 else 1.0
 
     def finished(self) -> bool:
         total = self.total_steps()
         if total is not None:
             return self.step >= total
-        return self.flops >= float(self.cfg.budget.flops)
+        return self.spent_flops() >= float(self.cfg.budget.flops)
+
+    def align_lr(self, step: int) -> float:
+        """The alignment stage's learning rate: ``align.lr`` (default: the peak lr), constant
+        after a linear warmup of ``align.warmup_steps``."""
+        a = self.cfg.align
+        peak = a.lr or self.peak_lr
+        return peak * (step + 1) / a.warmup_steps if step < a.warmup_steps else peak
 
     # -- checkpoints -------------------------------------------------------------------
     def ckpt_dir(self) -> Path:
@@ -303,10 +407,12 @@ class Trainer:
 
     # -- evaluation ------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self, model=None) -> float:
+        """Validation loss of the student, or of ``model`` (a teacher's forward: engine or
+        module, already in eval mode) on the very same batches."""
         from .data import global_mean_loss
 
-        eng = self.engine
+        eng = self.engine if model is None else model
         eng.eval()
         batches = list(self.val_data.iter_eval_batches(self.micro, self.cfg.data.seq_len, self.cfg.eval.batches,
                                                        self.rank, self.world))  # fmt: skip
@@ -323,8 +429,25 @@ class Trainer:
                 k = x.shape[0] * (x.shape[1] - 1)
                 loss_sum += float(out.loss) * k
                 count += k
-        eng.train()
+        if model is None:
+            eng.train()
         return global_mean_loss(loss_sum, count, device=self._comm_device())
+
+    def evaluate_teacher(self) -> float | None:
+        """The teacher's validation loss (teacher recovery), for XATL and distilled runs; None
+        when the run has no teacher. A teacher that does not train with the run (plain XATL)
+        is loaded for this alone, replicated on every rank, and freed again."""
+        from .distill import teacher_spec
+
+        if self.teacher is not None:
+            return self.evaluate(self.teacher.module)
+        if teacher_spec(self.cfg) is None:
+            return None
+        teacher = self._place_teacher(self._load_teacher(), None)
+        try:
+            return self.evaluate(teacher.module)
+        finally:
+            del teacher
 
     def _comm_device(self):
         return self.device if self.device.type == "cuda" else None
@@ -340,8 +463,12 @@ class Trainer:
     def train(self) -> None:
         cfg = self.cfg
         resumed = self.maybe_resume()
+        self.teacher_flops = self.teacher_flops_at(self.step)
         if self.rank == 0 and not resumed:
             self.rundir.start_metrics()
+        # teacher recovery: the teacher's loss on the same validation batches (every start:
+        # it goes into meta.json, and into the first metrics row)
+        self.teacher_val_loss = self.evaluate_teacher()
         metrics = open(self.rundir.metrics, "a") if self.rank == 0 else None
         bar = _progress(self, resumed)
         comm = self._comm_device()
@@ -352,40 +479,63 @@ class Trainer:
         try:
             while not self.finished():
                 step, t0 = self.step, time.perf_counter()
-                base_lr = lr_at(cfg, self.peak_lr, step, self.progress(step))
+                aligning = self.aligning(step)
+                phase = self.phase(step)
                 lrs = {}
-                for g, stage in zip(self.optimizer.param_groups, self.group_stages):
-                    g["lr"] = base_lr * (1.0 if stage == self.TRAINABLE else self.ctrl.lr_scale(stage, step))
-                    lrs[str(stage)] = g["lr"]
+                if aligning:  # only the aligned mixers' groups train
+                    for g, stage, al in zip(self.optimizer.param_groups, self.group_stages, self.group_aligned):
+                        g["lr"] = self.align_lr(step) if al else 0.0
+                        lrs["align" if al else str(stage)] = g["lr"]
+                else:
+                    start = self.align_ctrl.main_start()[0] if self.align_ctrl is not None else 0
+                    base_lr = lr_at(cfg, self.peak_lr, step - start, self.progress(step))
+                    for g, stage in zip(self.optimizer.param_groups, self.group_stages):
+                        g["lr"] = base_lr * (1.0 if stage == self.TRAINABLE else self.ctrl.lr_scale(stage, step))
+                        lrs[str(stage)] = g["lr"]
                 step_flops = self.step_flops(step)
+                teacher_step = self.teacher_phase_flops()[0 if aligning else 1]
                 trainable = self.trainable_params(step)
-                loss_acc = 0.0
+                sums = None  # per-step sums: the loss, then the distillation terms
                 for micro in range(self.gas):
                     x = self.train_data.get_batch(step, micro, self.micro, cfg.data.seq_len, self.rank, self.world,
                                                   cfg.seed, grad_accum=self.gas).to(self.device)  # fmt: skip
-                    loss = self.engine(input_ids=x, labels=x).loss
+                    loss, terms = self.batch_loss(x, phase)
                     self.engine.backward(loss)
                     self.engine.step()
-                    loss_acc += float(loss.detach())
+                    vals = [float(loss.detach()), *terms.values()]
+                    sums = vals if sums is None else [a + b for a, b in zip(sums, vals)]
                 # every rank feeds the same global loss to the freeze rule, so decisions agree
-                lt = torch.tensor([loss_acc / self.gas], dtype=torch.float64, device=comm)
+                lt = torch.tensor([v / self.gas for v in sums], dtype=torch.float64, device=comm)
                 torch.distributed.all_reduce(lt)
-                train_loss = float(lt.item()) / self.world
+                train_loss, *term_vals = (float(v) / self.world for v in lt.tolist())
                 if not math.isfinite(train_loss):
                     raise FloatingPointError(f"training loss is {train_loss} at step {step}; lower optim.lr")
-                norm = self.new_param_norm() if need_norm else None
-                events = self.ctrl.update(step, train_loss, norm)
+                norm = self.new_param_norm() if need_norm and not aligning else None
+                events = [] if aligning else self.ctrl.update(step, train_loss, norm)
                 self.step += 1
                 self.tokens += tokens_per_step
                 self.flops += step_flops
+                self.teacher_flops = self.teacher_flops_at(self.step)
                 self.wall += time.perf_counter() - t0
-                if events:
+                # the freeze controller's steps start after the stage: it is not fed before
+                ended = self.align_ctrl.update_align(step, train_loss, self.spent_flops()) if aligning else None
+                if events or ended:
                     self.apply_freeze(self.step)
                 row = {
                     "step": self.step, "tokens": self.tokens, "train_loss": train_loss, "lr": lrs,
                     "trainable_params": trainable, "freeze_stage": self.ctrl.stage, "flops": self.flops,
                     "wall_time": self.wall, "tokens_per_s": tokens_per_step / max(1e-9, time.perf_counter() - t0),
                 }  # fmt: skip
+                if aligning:  # the alignment MSE is no language-model loss: its own column
+                    row["align_loss"] = row.pop("train_loss")
+                row.update(zip(terms, term_vals))
+                if self.teacher is not None:
+                    row["teacher_flops"] = self.teacher_flops
+                    row["teacher_flops_step"] = float(teacher_step)
+                if self.step == 1 and self.teacher_val_loss is not None:
+                    row["teacher_val_loss"] = self.teacher_val_loss
+                if ended:
+                    row["align_end"] = ended.to_dict()
                 if events:
                     row["unfreeze"] = [e.to_dict() for e in events]
                 if norm is not None:
@@ -398,8 +548,11 @@ class Trainer:
                     metrics.flush()
                 if bar is not None:
                     bar.update(1)
-                    if self.step % cfg.log_every == 0 or events or "val_loss" in row:
+                    if self.step % cfg.log_every == 0 or events or ended or "val_loss" in row:
                         bar.set_postfix(_postfix(row, self.last_val), refresh=False)
+                    if ended:
+                        bar.write(f"[{cfg.name}] step {ended.step}: alignment stage ended ({ended.rule}, "
+                                  f"align loss {ended.align_loss:.4g})")  # fmt: skip
                     for e in events:
                         bar.write(f"[{cfg.name}] step {e.step}: unfreeze stage {e.stage} {list(e.components)} ({e.rule})")
                 if self.step % cfg.checkpoint.every == 0 and not self.finished():
@@ -412,7 +565,55 @@ class Trainer:
         self.save_checkpoint()
         self.export()
 
+    def phase(self, step: int) -> str:
+        """What ``step`` optimizes: ``align`` (the alignment stage), ``distill`` or ``ce``."""
+        return "align" if self.aligning(step) else "distill" if self.cfg.distill.enabled else "ce"
+
+    def batch_loss(self, x: torch.Tensor, phase: str) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss to back-propagate for micro-batch ``x`` in ``phase`` (see :meth:`phase`)
+        and its extra metrics terms (the distillation loss's CE and KL values)."""
+        if phase == "align":
+            return self._alignment_loss(x), {}
+        if phase == "distill":
+            d = self._distill_loss(x)
+            return d.total, d.terms()
+        return self.engine(input_ids=x, labels=x).loss, {}
+
+    def _distill_loss(self, x: torch.Tensor):
+        """The distillation loss of micro-batch ``x`` (distill.distill_loss)."""
+        from .distill import distill_loss
+
+        d = self.cfg.distill
+        teacher_logits = self.teacher.logits(x)
+        student_logits = self.engine(input_ids=x).logits
+        return distill_loss(student_logits, teacher_logits, x, kl_weight=d.kl_weight,
+                            reverse_kl_weight=d.reverse_kl_weight, ce_weight=d.ce_weight,
+                            temperature=d.temperature)  # fmt: skip
+
+    def _alignment_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """The alignment loss of micro-batch ``x``: the student runs through its engine (ZeRO's
+        hooks see an ordinary forward), its aligned mixers fed the teacher's attention inputs."""
+        from .distill import MixerSubstitution, aligned_layers, alignment_loss
+
+        inputs, targets = self.teacher.attention_io(x, aligned_layers(self.model_config))
+        with MixerSubstitution(self.engine.module, inputs) as sub:
+            self.engine(input_ids=x, logits_to_keep=1)
+        return alignment_loss(sub.outputs, targets)
+
     # -- export ------------------------------------------------------------------------------
+    def _teacher_meta(self) -> dict:
+        """The run metadata's teacher fields: teacher recovery numbers, FLOPs, the stage's end."""
+        from .distill import teacher_spec
+
+        end = self.align_ctrl.end if self.align_ctrl is not None else None
+        return {
+            "teacher": teacher_spec(self.cfg), "teacher_val_loss": self.teacher_val_loss,
+            "teacher_flops": self.teacher_flops, "teacher_params": self.teacher.n_params if self.teacher else None,
+            "teacher_params_per_rank": self.teacher.local_params if self.teacher else None,
+            "teacher_warning": self.teacher.warning if self.teacher else None,
+            "budget_flops": self.spent_flops(), "align_end": end.to_dict() if end is not None else None,
+        }  # fmt: skip
+
     def export(self) -> None:
         """HF-format model (consolidated from ZeRO shards) + tokenizer, meta.json, DONE."""
         from .data import load_tokenizer
@@ -446,6 +647,7 @@ class Trainer:
                 "world_size": self.world, "zero_stage": self.zero_stage, "precision": self.precision,
                 "export_format": "native" if native else "xatl", "versions": _versions(),
             }  # fmt: skip
+            meta.update(self._teacher_meta())
             self.rundir.write_json(RunDir.META, meta)
             self.rundir.mark_done()
         torch.distributed.barrier()
@@ -488,7 +690,8 @@ def _progress(tr: Trainer, resumed: bool):
 
 
 def _postfix(row: dict, val: float | None) -> dict:
-    d = {"loss": f"{row['train_loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}", "stage": row["freeze_stage"]}
+    loss = ("loss", row["train_loss"]) if "train_loss" in row else ("align", row["align_loss"])
+    d = {loss[0]: f"{loss[1]:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}", "stage": row["freeze_stage"]}
     if val is not None:
         d["val"] = f"{val:.3f}"
     return d
