@@ -24,7 +24,7 @@ GPU_WHEELS := transformers==5.24.0 regex==2026.11.19
 GPU_PLATFORMS := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
 	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 
-.PHONY: venv emulation-deps gpu-bundle test quickstart bench clean lock
+.PHONY: venv emulation-deps gpu-bundle test quickstart study bench clean lock
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,13 @@ test: $(STAMP) $(EMU_STAMP)
 
 quickstart: $(STAMP)
 	$(VENV)/bin/xatl-ds quickstart
+
+# The CPU scaling ladder (sweeps/cpu_ladder.yaml; ~85 minutes on 2 cores, budgets and timings in
+# that file): prepare, train two runs at a time (rerun to resume; finished runs are skipped),
+# evaluate every run, write report.md, CSVs and figures/ into $(STUDY_OUT).
+STUDY_OUT ?= docs/results/cpu_ladder
+study: $(STAMP)
+	$(VENV)/bin/xatl-ds quickstart --sweep cpu_ladder --report-out $(STUDY_OUT) --max-parallel 2
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run

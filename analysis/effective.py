@@ -42,14 +42,16 @@ import pandas as pd
 from .savings import compute_to_reach, smooth_curve
 
 __all__ = [
-    "METHODS", "EffectiveMultiplier", "FitError", "ScratchFit", "SeedAggregate", "aggregate_over_seeds",
-    "bootstrap_fits", "effective_compute", "effective_multiplier", "fit_scratch_curve", "percentile_interval",
+    "METHODS", "POINT_METHODS", "EffectiveMultiplier", "FitError", "ScratchFit", "SeedAggregate",
+    "aggregate_effective", "aggregate_over_seeds", "bootstrap_fits", "effective_compute", "effective_multiplier",
+    "effective_table", "fit_scratch_curve", "percentile_interval",
 ]  # fmt: skip
 
 #: values of the ``method`` column, see the module docstring
 METHODS = ("interpolated", "upper_bound", "extrapolated", "unreachable", "no_fit")
 #: methods whose number is a point estimate that may enter a mean over seeds
-_POINT_METHODS = ("interpolated", "extrapolated")
+POINT_METHODS = ("interpolated", "extrapolated")
+_POINT_METHODS = POINT_METHODS
 _MIN_FIT_POINTS = 4  # three parameters plus at least one degree of freedom
 _ALPHA_GRID = np.geomspace(1e-3, 5.0, 160)
 
@@ -471,3 +473,67 @@ def aggregate_over_seeds(rows: Sequence[EffectiveMultiplier | Mapping], *, incl_
     return SeedAggregate(mean=mean, ci_low=lo, ci_high=hi, level=level, n_seeds=len(methods), n_used=len(used),
                          n_extrapolated=n_extra, n_upper_bound=counts["upper_bound"],
                          n_unreachable=counts["unreachable"], n_no_fit=counts["no_fit"])  # fmt: skip
+
+
+# -- a sweep's pairings ----------------------------------------------------------------------------
+def _has_budget(curve: Any) -> bool:
+    """The curve has an evaluation with FLOPs > 0 (something to measure a multiplier at)."""
+    if curve is None or not len(curve) or "flops" not in curve or "val_loss" not in curve:
+        return False
+    f, v = np.asarray(curve["flops"], dtype=float), np.asarray(curve["val_loss"], dtype=float)
+    return bool((np.isfinite(f) & np.isfinite(v) & (f > 0)).any())
+
+
+def effective_table(pairs: pd.DataFrame, curves: Mapping[str, Any], *, n_params: Mapping[str, float] | None = None,
+                    fit_boot: int = 200, warmup_frac: float = 0.1, ema: float = 0.0,
+                    seed: int = 0) -> tuple[pd.DataFrame, list[EffectiveMultiplier]]:  # fmt: skip
+    """The multiplier of every pairing at its XATL run's final budget.
+
+    ``pairs``: one row per (XATL, scratch) pairing with the pairing key, the XATL variant
+    columns, ``xatl_run``, ``scratch_run`` and ``source_flops`` (``savings.savings_table``'s
+    rows); ``curves``: run -> validation curve; ``n_params``: run -> non-embedding parameters
+    (column ``n_params``, the XATL run's, else its scratch run's). Pairings where either run
+    has no evaluation at FLOPs > 0 yet are left out. Returns the table (the pairs' columns,
+    ``n_params``, :meth:`EffectiveMultiplier.to_row` and the fit interval of the
+    source-inclusive multiplier) and the multipliers, row for row
+    (their bootstrap replicates feed :func:`aggregate_effective`)."""
+    n_params = n_params or {}
+    rows, found = [], []
+    for k, (_, p) in enumerate(pairs.iterrows()):
+        cx, cs = curves.get(p["xatl_run"]), curves.get(p["scratch_run"])
+        if not (_has_budget(cx) and _has_budget(cs)):
+            continue
+        sf = p.get("source_flops")
+        sf = float(sf) if sf is not None and math.isfinite(float(sf)) else None
+        em = effective_multiplier(cs, cx, source_flops=sf, warmup_frac=warmup_frac, ema=ema, n_boot=fit_boot,
+                                  seed=seed + k)  # fmt: skip
+        n = n_params.get(p["xatl_run"], n_params.get(p["scratch_run"], math.nan))
+        lo, hi = percentile_interval(em.boot_incl_source) if len(em.boot_incl_source) else (math.nan, math.nan)
+        rows.append({**p.to_dict(), "n_params": float(n) if n is not None else math.nan, **em.to_row(),
+                     "fit_ci_low_incl_source": lo, "fit_ci_high_incl_source": hi})  # fmt: skip
+        found.append(em)
+    return pd.DataFrame(rows), found
+
+
+def aggregate_effective(table: pd.DataFrame, multipliers: Sequence[EffectiveMultiplier], group: Sequence[str], *,
+                        n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:  # fmt: skip
+    """Over seeds: per ``group`` (e.g. size, mixer, attention layers, XATL variant) the
+    :func:`aggregate_over_seeds` of the multiplier (columns ``effective_*``) and of the
+    source-inclusive one (``effective_incl_source_*``), ``n_params`` and ``source_known``
+    (some seed's source FLOPs are known). ``table`` / ``multipliers``: :func:`effective_table`'s."""
+    if table.empty:
+        return pd.DataFrame()
+    if len(table) != len(multipliers):
+        raise ValueError(f"{len(table)} table rows but {len(multipliers)} multipliers; pass effective_table's pair")
+    group = [g for g in group if g in table]
+    out = []
+    for key, g in table.groupby(group, dropna=False, sort=True):
+        ems = [multipliers[table.index.get_loc(i)] for i in g.index]
+        row = dict(zip(group, key if isinstance(key, tuple) else (key,)))
+        row["n_params"] = float(g["n_params"].astype(float).mean())
+        row.update(aggregate_over_seeds(ems, n_boot=n_boot, level=level, seed=seed).to_row("effective"))
+        row.update(aggregate_over_seeds(ems, incl_source=True, n_boot=n_boot, level=level,
+                                        seed=seed).to_row("effective_incl_source"))  # fmt: skip
+        row["source_known"] = bool(np.isfinite(g["source_flops"].astype(float)).any())
+        out.append(row)
+    return pd.DataFrame(out)

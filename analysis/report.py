@@ -1,9 +1,20 @@
 """``xatl-ds report SWEEP_DIR``: one readable page (report.md) plus the tables behind it.
 
+Two definitions of a saving, side by side. The headline is *effective compute* (Hernandez
+et al. 2021; :mod:`analysis.effective`): the scratch FLOPs needed to reach the XATL run's final
+loss over the XATL run's FLOPs, measured on the scratch curve or extrapolated from its fitted
+power law (flagged), with the method next to every number and words where only a bound
+exists. Beside it, the paper's definition (:mod:`analysis.savings`): XATL FLOPs to reach the
+scratch run's final loss, a lower bound whenever XATL starts below that loss.
+
 Writes into the output folder (default SWEEP_DIR): ``report.md``, ``results.csv`` /
-``results.parquet`` (one row per run), ``savings.csv`` (one row per XATL/scratch pairing),
-``savings_summary.csv`` (over seeds), ``savings_curves.csv``, ``benchmark_deltas.csv`` and
-``figures/*.png``. Partial sweeps are fine: the report lists what is missing.
+``results.parquet`` (one row per run), ``effective.csv`` (one row per XATL/scratch pairing),
+``effective_summary.csv`` (over seeds), ``effective_curves.csv`` (the multiplier at every
+evaluation along each XATL curve), ``size_trend.csv`` (the multiplier against
+non-embedding parameters, fitted and extrapolated to the Pythia sizes), ``savings.csv`` /
+``savings_summary.csv`` / ``savings_curves.csv`` (the paper's definition),
+``benchmark_deltas.csv`` and ``figures/*.png``. Partial sweeps are fine: the report lists
+what is missing.
 """
 from __future__ import annotations
 
@@ -16,17 +27,23 @@ from typing import Iterable, Mapping
 import pandas as pd
 import yaml
 
-from .figures import plot_benchmark_deltas, plot_loss_vs_flops, plot_savings_curves, plot_savings_vs_size
-from .results import load_runs, results_table
-from .savings import aggregate_savings, benchmark_deltas, pair_runs, savings_curve, savings_table
+from .effective import aggregate_effective, effective_compute, effective_table
+from .figures import (
+    arch_label, variant_label, plot_benchmark_deltas, plot_effective_vs_size, plot_loss_vs_flops, plot_savings_curves,
+    plot_savings_vs_size,
+)  # fmt: skip
+from .results import RunRecord, load_runs, plan_records, results_table
+from .savings import PAIR_KEYS, VARIANT_KEYS, aggregate_savings, benchmark_deltas, pair_runs, savings_curve, savings_table
+from .trend import trend_table
 
-__all__ = ["write_report", "missing_items", "md_table", "arch_label"]
+__all__ = ["write_report", "missing_items", "md_table", "arch_label", "effective_phrase", "effective_summary_phrase",
+           "paper_phrase"]  # fmt: skip
 
-
-def arch_label(row: Mapping) -> str:
-    """``mamba`` or ``mamba+attn[1,3]``: the mixer and the layers that keep attention."""
-    att = str(row.get("attention_layers", "none"))
-    return str(row.get("mixer")) + ("" if att in ("", "none", "nan", "None") else f"+attn[{att}]")
+#: what one row of effective_summary.csv stands for: everything a pairing key has but the seed
+SUMMARY_KEYS = [k for k in PAIR_KEYS if k != "seed"] + list(VARIANT_KEYS)
+#: one size trend per architecture and XATL variant: the summary's keys without the size and
+#: without what a size ladder scales with the size (its source, the LIT window, the re-warmup)
+TREND_KEYS = [k for k in SUMMARY_KEYS if k not in ("size", "source", "lit_window", "rewarmup_steps")]
 
 
 def md_table(df: pd.DataFrame, cols: list[str] | None = None, floatfmt: str = "{:.4g}") -> str:
@@ -90,24 +107,208 @@ def missing_items(df: pd.DataFrame, expected_dirs: Iterable[Path] = (), eval_tas
     }  # fmt: skip
 
 
-def _fmt_ratio(mean: float, lo: float, hi: float, n: int, n_ok: int, lb: bool) -> str:
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _interval(lo, hi) -> str:
+    return f" [{float(lo):.2f}, {float(hi):.2f}]" if _finite(lo) and _finite(hi) else (
+        f" [{float(lo):.2f}, unbounded]" if _finite(lo) else "")  # fmt: skip
+
+
+def paper_phrase(mean: float, lo: float, hi: float, n: int, n_ok: int, lb: bool) -> str:
+    """The paper's ratio in words: ``2.00x [1.8, 2.2]``; ``at least 14.33x (lower bound)``
+    where XATL was already below the target at its first evaluation; ``not reached (0/3)``."""
     if not math.isfinite(mean):
         return f"not reached (0/{n})"
-    s = f"{'>= ' if lb else ''}{mean:.2f}x"
-    if math.isfinite(lo):
-        s += f" [{lo:.2f}, {hi:.2f}]"
+    s = f"{mean:.2f}x" + _interval(lo, hi)
+    if lb:
+        s = f"at least {s} (lower bound)"
     if n_ok < n:
         s += f" ({n_ok}/{n} reached)"
     return s
 
 
+_NO_ESTIMATE = {
+    "upper_bound": "upper bound only: scratch reached this loss by its first evaluation",
+    "unreachable": "unreachable: the loss lies below the scratch fit's asymptote",
+    "no_fit": "no estimate: the scratch curve is too short to fit",
+}
+
+
+def effective_phrase(value: float, lo: float, hi: float, method: str, factor: float = math.nan) -> str:
+    """One pairing's multiplier with its method: ``3.10x (interpolated)``, ``3.10x [2.5, 4.0]
+    (extrapolated 2.3x past the scratch run)``; words, no number, where only a bound exists."""
+    if method in _NO_ESTIMATE or not _finite(value):
+        return _NO_ESTIMATE.get(method, f"no estimate ({method})")
+    s = f"{float(value):.2f}x" + _interval(lo, hi)
+    if method == "extrapolated":
+        return s + (f" (extrapolated {float(factor):.1f}x past the scratch run)" if _finite(factor) else " (extrapolated)")
+    return s + f" ({method})"
+
+
+def effective_summary_phrase(row: Mapping, prefix: str = "effective") -> str:
+    """An effective_summary.csv row in words: the mean over the seeds with a point estimate,
+    its interval and method, and which seeds had none (``2.90x [2.5, 3.3] (extrapolated)``,
+    ``no estimate (3 upper bounds)``)."""
+    n = int(row.get("n_seeds", 0))
+    used = int(row.get(f"n_used_{prefix}", 0))
+    left = [(int(row.get(f"n_{m}_{prefix}", 0)), w) for m, w in
+            (("upper_bound", "upper bound"), ("unreachable", "unreachable"), ("no_fit", "no fit"))]  # fmt: skip
+    why = ", ".join(f"{k} {w}{'s' if k > 1 else ''}" for k, w in left if k)
+    if prefix.endswith("incl_source") and not bool(row.get("source_known", True)):
+        return "source FLOPs unknown (--source-flops)"
+    if not used or not _finite(row.get(f"{prefix}_mean")):
+        return f"no estimate ({why or 'no seed'})"
+    n_extra = int(row.get(f"n_extrapolated_{prefix}", 0))
+    method = "extrapolated" if n_extra == used else f"{n_extra}/{used} seeds extrapolated" if n_extra else "interpolated"
+    s = f"{float(row[f'{prefix}_mean']):.2f}x" + _interval(row.get(f"{prefix}_ci_low"), row.get(f"{prefix}_ci_high"))
+    s += f" ({method})"
+    if used < n:
+        s += f"; {used}/{n} seeds ({why})" if why else f"; {used}/{n} seeds"
+    return s
+
+
+def _nonembed_params(records: list[RunRecord], runs: Iterable[str]) -> dict[str, float]:
+    """Run -> non-embedding parameters (:func:`xatl_ds.sizes.non_embedding_params`), from the
+    exported model config, else (scratch runs) the size table; runs neither gives are absent."""
+    try:
+        from xatl_ds.sizes import non_embedding_params, size_config
+    except Exception:  # noqa: BLE001  (the report still works without the training stack)
+        return {}
+    out = {}
+    for rec, run in zip(records, runs):
+        model = rec.config.get("model") or {}
+        try:
+            if rec.meta.get("model_config"):
+                out[run] = float(non_embedding_params(rec.meta["model_config"]))
+            elif (rec.config.get("init") or {}).get("kind", "scratch") == "scratch" and model.get("size"):
+                out[run] = float(non_embedding_params(size_config(model["size"], model.get("mixer", "mamba"),
+                                                                  model.get("attention_layers", "none"))))  # fmt: skip
+        except Exception:  # noqa: BLE001  (an unknown size or mixer: no count, the trend skips it)
+            continue
+    return out
+
+
+def _pythia_targets():
+    """group row -> {pythia size: non-embedding parameters} for that architecture (a hybrid
+    keeps attention in the paper's layers at every size); {} without the training stack."""
+    try:
+        from xatl_ds.sizes import PYTHIA_SIZES, non_embedding_params, size_config
+    except Exception:  # noqa: BLE001
+        return lambda row: {}
+    cache: dict[tuple, dict] = {}
+
+    def targets(row: Mapping) -> dict[str, float]:
+        att = str(row.get("attention_layers", "none"))
+        spec = att if att in ("none", "all") else "paper"
+        key = (row.get("mixer"), spec)
+        if key not in cache:
+            try:
+                cache[key] = {n: float(non_embedding_params(size_config(n, str(row.get("mixer")), spec)))
+                              for n in PYTHIA_SIZES}  # fmt: skip
+            except Exception:  # noqa: BLE001
+                cache[key] = {}
+        return cache[key]
+
+    return targets
+
+
+def _source_runs(df: pd.DataFrame, sweep_dir: Path) -> set[str]:
+    """Runs that are sources: planned with role ``source``, or whose ``hf/`` export an XATL
+    run transfers from."""
+    plans = plan_records(sweep_dir)
+    hf = {str((Path(d) / "hf").resolve()): r for r, d in zip(df["run"], df["run_dir"])}
+    used = {hf.get(str(Path(s).resolve())) for s in df["source"] if isinstance(s, str) and s}
+    planned = {r for r, d in zip(df["run"], df["run_dir"])
+               if (plans.get(str(Path(d).resolve())) or {}).get("role") == "source"}  # fmt: skip
+    return (used | planned) - {None}
+
+
+def _norm_key(key: tuple) -> tuple:
+    """A group key with NaN as None (groupby keeps NaN, rows hold None or NaN)."""
+    return tuple(None if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in key)
+
+
+def _effective_section(eff: pd.DataFrame, summ: pd.DataFrame, trend: pd.DataFrame, trends: dict, skipped: dict,
+                       fig: Path) -> list[str]:  # fmt: skip
+    md = ["## Effective compute (the headline)", "",
+          "Effective-compute multiplier (Hernandez et al. 2021) = the scratch FLOPs needed to reach the XATL run's final "
+          "validation loss / the XATL run's FLOPs. *interpolated*: measured on the scratch curve (scratch runs train "
+          "longer than XATL runs: `baseline: {budget_factor: K}`). *extrapolated*: even the longest scratch run stops "
+          "short, so the scratch curve's fit L(C) = E + A*C^(-alpha) is inverted; its interval comes from refitting "
+          "bootstrap replicates of the curve. Where no estimate exists the table says why in words. Means are over the "
+          "seeds with an estimate; brackets: 95% bootstrap interval over seeds and, for extrapolated seeds, over the "
+          "fit. *incl. source*: the source's pretraining FLOPs added to the XATL side. Runs compared this way should "
+          "not anneal their learning rate early (sweeps/cpu_ladder.yaml keeps it constant): a cosine-decayed scratch "
+          "curve is not annealed below its budget, where an XATL run's end is, and flattens at its end, which pulls its "
+          "fitted asymptote towards its last loss. effective_curves.csv: the multiplier at every XATL evaluation.", ""]  # fmt: skip
+    if summ.empty:
+        return md + ["_No XATL run with a validation curve has a scratch baseline with one yet._", ""]
+    view = summ.assign(arch=[variant_label(r) for _, r in summ.iterrows()])
+    md.append(md_table(view.rename(columns={"effective": "effective-compute multiplier",
+                                            "effective_incl_source": "incl. source", "n_params": "non-embedding params"}),
+                       ["size", "arch", "non-embedding params", "n_seeds", "effective-compute multiplier",
+                        "incl. source"], floatfmt="{:.3g}"))  # fmt: skip
+    md += ["", "Per pairing:", ""]
+    md.append(md_table(eff, ["xatl_run", "xatl_state", "scratch_run", "seed", "budget", "xatl_loss", "scratch_flops",
+                             "method", "effective", "effective_incl_source"]))  # fmt: skip
+    md += ["", "### Savings against size", "", f"![effective compute vs size](figures/{fig.name})", "",
+           "_Caption_: points are the measured means with their 95% intervals; the solid line is the fit "
+           "multiplier = exp(a) * N^b over the measured sizes (N: non-embedding parameters), the band its bootstrap "
+           "interval over seeds (seed noise only: doubt about the form of the law is not in it). Dashed: the same line carried to the Pythia sizes. That part is an extrapolation, not a "
+           "measurement: it assumes the power law seen over a few tiny CPU models on a small corpus holds across "
+           "orders of magnitude of size, data and training length, which nothing here tests.", ""]  # fmt: skip
+    for key, tr in trends.items():
+        g = dict(zip(TREND_KEYS, key))
+        ci = (f" [{tr.b_ci_low:.2f}, {tr.b_ci_high:.2f}]" if math.isfinite(tr.b_ci_low)
+              else " (one seed per size: no interval)")  # fmt: skip
+        md.append(f"- {variant_label(g)}: multiplier ~ N^{tr.b:.3f}{ci} over {len(tr.sizes)} sizes "
+                  f"({'grows' if tr.b > 0 else 'shrinks'} with size at the point estimate"
+                  + ("; the interval includes 0" if math.isfinite(tr.b_ci_low) and tr.b_ci_low <= 0 <= tr.b_ci_high else "")
+                  + ")")  # fmt: skip
+    for key, why in skipped.items():
+        md.append(f"- {variant_label(dict(zip(TREND_KEYS, key)))}: no trend ({why})")
+    ext = trend[trend["kind"] == "extrapolated"] if not trend.empty else trend
+    if not ext.empty:
+        md += ["", "Extrapolated (not measured):", ""]
+        md.append(md_table(ext.assign(arch=[variant_label(r) for _, r in ext.iterrows()]),
+                           ["arch", "size", "n_params", "multiplier", "ci_low", "ci_high"], floatfmt="{:.3g}"))  # fmt: skip
+    return md + [""]
+
+
+def _sources_section(df: pd.DataFrame, sources: set[str]) -> list[str]:
+    """How far each source trained, against the XATL runs that transfer from it."""
+    if not sources:
+        return []
+    md = ["## Sources", "", "A real source has seen far more tokens than the conversion will; the ratio column "
+          "compares each source's FLOPs with the mean FLOPs of the XATL runs that transfer from it.", ""]  # fmt: skip
+    hf = {str((Path(d) / "hf").resolve()): r for r, d in zip(df["run"], df["run_dir"])}
+    rows = []
+    for _, r in df[df["run"].isin(sources)].iterrows():
+        users = df[[hf.get(str(Path(s).resolve())) == r["run"] if isinstance(s, str) and s else False
+                    for s in df["source"]]]  # fmt: skip
+        mean_x = float(users["flops"].astype(float).mean()) if len(users) else math.nan
+        rows.append({"source": r["run"], "state": r["state"], "size": r["size"], "steps": r["steps"],
+                     "tokens": r["tokens"], "flops": r["flops"], "final_val_loss": r["final_val_loss"],
+                     "XATL runs": len(users),
+                     "x XATL budget": float(r["flops"]) / mean_x if _finite(mean_x) and mean_x > 0 else math.nan})  # fmt: skip
+    return md + [md_table(pd.DataFrame(rows)), ""]
+
+
 def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *,
                  source_flops: float | Mapping[str, float] | None = None, expected: Iterable[str] | None = None,
-                 eval_tasks: Iterable[str] | None = None, ema: float = 0.0, n_boot: int = 2000) -> Path:  # fmt: skip
+                 eval_tasks: Iterable[str] | None = None, ema: float = 0.0, n_boot: int = 2000,
+                 fit_boot: int = 200) -> Path:  # fmt: skip
     """Build every table and figure for the sweep under ``sweep_dir`` and write report.md;
     returns its path. ``source_flops``: pretraining FLOPs of sources not trained in the sweep
     (one number, or {source: flops}); ``expected``: globs of the sweep's run config YAMLs;
-    ``eval_tasks``: tasks every finished run should have (default: whatever any run has)."""
+    ``eval_tasks``: tasks every finished run should have (default: whatever any run has);
+    ``n_boot``: bootstrap replicates over seeds; ``fit_boot``: refits of each extrapolated
+    scratch curve."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
@@ -125,10 +326,59 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *,
     if not df.empty:
         df.to_csv(out / "results.csv", index=False)
         df.to_parquet(out / "results.parquet", index=False)
+    sources = _source_runs(df, sweep_dir) if not df.empty else set()
     sav = savings_table(df, curves, source_flops=source_flops, ema=ema) if not df.empty else pd.DataFrame()
     sav.to_csv(out / "savings.csv", index=False)
     agg = aggregate_savings(sav, n_boot=n_boot) if not sav.empty else pd.DataFrame()
+    if not agg.empty:
+        agg["paper_savings"] = [paper_phrase(r["savings_flops_mean"], r["savings_flops_ci_low"], r["savings_flops_ci_high"],
+                                             r["n_seeds"], r["n_reached_savings_flops"], r["any_lower_bound"])
+                                for _, r in agg.iterrows()]  # fmt: skip
     agg.to_csv(out / "savings_summary.csv", index=False)
+
+    # effective compute: per pairing, over seeds (finished XATL runs only: a partial run's
+    # budget is not the one planned), and against size
+    eff, ems = (effective_table(sav, curves, n_params=_nonembed_params(records, df["run"]), fit_boot=fit_boot, ema=ema)
+                if not sav.empty else (pd.DataFrame(), []))  # fmt: skip
+    if not eff.empty:
+        eff["effective"] = [effective_phrase(r["multiplier"], r["fit_ci_low"], r["fit_ci_high"], r["method"],
+                                             r["extrapolation_factor"]) for _, r in eff.iterrows()]  # fmt: skip
+        eff["effective_incl_source"] = [
+            effective_phrase(r["multiplier_incl_source"], r["fit_ci_low_incl_source"], r["fit_ci_high_incl_source"],
+                             r["method"]) if _finite(r["source_flops"]) else "source FLOPs unknown (--source-flops)"
+            for _, r in eff.iterrows()]  # fmt: skip
+    eff.to_csv(out / "effective.csv", index=False)
+    ecurves = []  # the multiplier along each XATL curve, with the pairing's own fit
+    for (_, r), em in zip(eff.iterrows(), ems):
+        src = em.source_flops if math.isfinite(em.source_flops) else None
+        c = effective_compute(curves[r["scratch_run"]], curves[r["xatl_run"]], source_flops=src, fit=em.fit, ema=ema)
+        ecurves.append(c.assign(xatl_run=r["xatl_run"], scratch_run=r["scratch_run"]))
+    (pd.concat(ecurves, ignore_index=True) if ecurves else pd.DataFrame()).to_csv(out / "effective_curves.csv", index=False)
+    done = (eff["xatl_state"] == "done").to_numpy() if not eff.empty else []
+    eff_done = eff[done] if not eff.empty else eff
+    summ = aggregate_effective(eff_done.reset_index(drop=True), [m for m, d in zip(ems, done) if d], SUMMARY_KEYS,
+                               n_boot=n_boot) if len(eff_done) else pd.DataFrame()  # fmt: skip
+    if not summ.empty:
+        order = [k for k in TREND_KEYS if k in summ] + ["n_params"]  # sizes ascending within each architecture
+        summ = summ.sort_values(order, na_position="last", kind="stable").reset_index(drop=True)
+        summ["effective"] = [effective_summary_phrase(r) for _, r in summ.iterrows()]
+        summ["effective_incl_source"] = [effective_summary_phrase(r, "effective_incl_source")
+                                         for _, r in summ.iterrows()]  # fmt: skip
+    summ.to_csv(out / "effective_summary.csv", index=False)
+    trend, trends, no_trend = trend_table(eff_done, TREND_KEYS, targets=_pythia_targets(), n_boot=n_boot)
+    if not summ.empty and (not trend.empty or trends):
+        fitted = {_norm_key(k) for k in trends}
+        measured = summ[[_norm_key(tuple(r.get(k) for k in TREND_KEYS if k in summ)) in fitted
+                         for _, r in summ.iterrows()]]  # fmt: skip
+        measured = measured.assign(kind="measured", multiplier=measured["effective_mean"],
+                                   ci_low=measured["effective_ci_low"], ci_high=measured["effective_ci_high"],
+                                   method=measured["effective_method"])  # fmt: skip
+        cols = [k for k in TREND_KEYS if k in summ] + ["size", "n_params", "kind", "multiplier", "ci_low", "ci_high",
+                                                       "method"]  # fmt: skip
+        trend = pd.concat([measured[cols], trend], ignore_index=True)
+        trend.insert(0, "label", [variant_label(r) for _, r in trend.iterrows()])
+    trend.to_csv(out / "size_trend.csv", index=False)
+
     scurves, scurve_rows = {}, []
     for _, p in sav.iterrows():
         c = savings_curve(curves[p["scratch_run"]], curves[p["xatl_run"]], ema=ema)
@@ -143,10 +393,11 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *,
     deltas = benchmark_deltas(df) if not df.empty else pd.DataFrame()
     deltas.to_csv(out / "benchmark_deltas.csv", index=False)
 
-    f1 = plot_loss_vs_flops(df, curves, events, figs / "loss_vs_flops.png")
+    f1 = plot_loss_vs_flops(df, curves, events, figs / "loss_vs_flops.png", sources=sources)
     f2 = plot_savings_vs_size(agg, df, figs / "savings_vs_size.png")
     f3 = plot_savings_curves(scurves, figs / "savings_vs_target_loss.png")
     f4 = plot_benchmark_deltas(deltas, figs / "benchmark_deltas.png")
+    f5 = plot_effective_vs_size(trend, figs / "effective_vs_size.png")
 
     tasks = list(eval_tasks) if eval_tasks is not None else sorted(
         {c.split("/")[1] for c in df.columns if c.startswith("eval/")} if not df.empty else set())  # fmt: skip
@@ -154,25 +405,27 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *,
     md = [f"# XATL sweep report: {sweep_dir}", "", f"_generated {time.strftime('%Y-%m-%d %H:%M')}_", ""]
     n_done = int((df["state"] == "done").sum()) if not df.empty else 0
     md += [f"{len(df)} runs found ({n_done} done), {len(sav)} XATL/scratch pairings.", ""]
-    md += ["## Compute-matched savings", "",
+    md += _effective_section(eff, summ, trend, trends, no_trend, f5)
+    md += ["## The paper's definition (secondary)", "",
            "Savings = FLOPs (tokens, wall time) the scratch run needs to reach its own final validation loss / what "
            "the XATL run needs to reach that loss. Curves are running minima of the validation loss, interpolated "
-           "linearly in log-FLOPs. `>=`: XATL was already below the target at its first evaluation (a lower bound). "
-           "\"not reached\": the XATL run never got there. Brackets: bootstrap 95% CI over seeds. *incl. source*: the "
-           "source model's pretraining FLOPs added to the XATL side.", ""]  # fmt: skip
+           "linearly in log-FLOPs. \"at least ... (lower bound)\": XATL was already below the target at its first "
+           "evaluation, so the ratio has no finite answer at this budget and evaluation spacing. \"not reached\": the "
+           "XATL run never got there. Brackets: bootstrap 95% CI over seeds. *incl. source*: the source model's "
+           "pretraining FLOPs added to the XATL side.", ""]  # fmt: skip
     if not agg.empty:
         view = agg.copy()
         for col, name in (("savings_flops", "FLOPs"), ("savings_tokens", "tokens"), ("savings_wall_time", "wall time"),
                           ("savings_flops_incl_source", "FLOPs incl. source")):  # fmt: skip
             view[name] = [
-                _fmt_ratio(r[f"{col}_mean"], r[f"{col}_ci_low"], r[f"{col}_ci_high"], r["n_seeds"],
-                           r[f"n_reached_{col}"], r["any_lower_bound"] and col != "savings_flops_incl_source")
+                paper_phrase(r[f"{col}_mean"], r[f"{col}_ci_low"], r[f"{col}_ci_high"], r["n_seeds"],
+                             r[f"n_reached_{col}"], r["any_lower_bound"] and col != "savings_flops_incl_source")
                 if not (col == "savings_flops_incl_source" and r["n_reached_savings_flops"] and not r[f"n_reached_{col}"])
                 else "source FLOPs unknown (--source-flops)"
                 for _, r in agg.iterrows()
             ]  # fmt: skip
-        md.append(md_table(view, ["size", "mixer", "attention_layers", "freeze_policy", "unfreeze_order", "n_seeds",
-                                  "FLOPs", "tokens", "wall time", "FLOPs incl. source"]))  # fmt: skip
+        view["arch"] = [variant_label(r) for _, r in view.iterrows()]
+        md.append(md_table(view, ["size", "arch", "n_seeds", "FLOPs", "tokens", "wall time", "FLOPs incl. source"]))
         md += ["", "Per pairing:", ""]
         md.append(md_table(sav, ["xatl_run", "xatl_state", "scratch_run", "seed", "target_loss", "scratch_flops_to_target",
                                  "xatl_flops_to_target", "savings_flops", "reached_flops", "lower_bound_flops",
@@ -183,7 +436,9 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *,
            f"![savings vs model size](figures/{f2.name})", "",
            "A single ratio at the scratch run's final loss flatters short budgets; the curve shows the ratio for "
            "every target from the loss the XATL run starts at down to the scratch run's final loss.", "",
-           f"![savings vs target loss](figures/{f3.name})", "", "## Benchmarks (XATL - scratch)", ""]  # fmt: skip
+           f"![savings vs target loss](figures/{f3.name})", ""]  # fmt: skip
+    md += _sources_section(df, sources)
+    md += ["## Benchmarks (XATL - scratch)", ""]
     if not deltas.empty:
         dv = deltas.copy()
         dv["delta ± se"] = [f"{d:+.4f} ± {s:.4f}" if math.isfinite(s) else f"{d:+.4f}" for d, s in zip(dv["delta"], dv["delta_se"])]
@@ -207,8 +462,9 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *,
     for k, items in miss.items():
         if items:
             md += [f"**{labels[k]}** ({len(items)}):", ""] + [f"- {x}" for x in items] + [""]
-    md += ["", "Files: results.csv, results.parquet, savings.csv, savings_summary.csv, savings_curves.csv, "
-           "benchmark_deltas.csv, figures/."]  # fmt: skip
+    md += ["", "Files: results.csv, results.parquet, effective.csv, effective_summary.csv, effective_curves.csv, "
+           "size_trend.csv, savings.csv, "
+           "savings_summary.csv, savings_curves.csv, benchmark_deltas.csv, figures/."]  # fmt: skip
     path = out / "report.md"
     path.write_text("\n".join(md) + "\n")
     return path

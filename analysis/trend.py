@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 
-from .effective import percentile_interval
+from .effective import POINT_METHODS, percentile_interval
 
-__all__ = ["SizeTrend", "TrendPoint", "size_trend"]
+__all__ = ["SizeTrend", "TrendPoint", "size_trend", "trend_table"]
 
 
 @dataclass(frozen=True)
@@ -113,3 +114,48 @@ def size_trend(sizes_nonembed_params: Sequence[float], multipliers_per_size: Seq
         lo, hi = percentile_interval(bb, level)
     return SizeTrend(a=a, b=b, b_ci_low=lo, b_ci_high=hi, level=level, sizes=tuple(sizes.tolist()),
                      log_mean=tuple(y.tolist()), n_seeds=tuple(len(g[1]) for g in groups), boot=boot)  # fmt: skip
+
+
+def trend_table(effective: pd.DataFrame, group: Sequence[str], *,
+                targets: Callable[[Mapping], Mapping[str, float]] | None = None, value: str = "multiplier",
+                n_boot: int = 2000, level: float = 0.95,
+                seed: int = 0) -> tuple[pd.DataFrame, dict[tuple, SizeTrend], dict[tuple, str]]:  # fmt: skip
+    """:func:`size_trend` per ``group`` (e.g. mixer, attention layers, XATL variant) over the
+    sizes in ``effective`` (per-pairing rows with ``size``, ``n_params``, ``method`` and
+    ``value``; only point estimates -- interpolated or extrapolated -- are used).
+
+    ``targets(group_row)``: sizes to extrapolate to, name -> non-embedding parameters (e.g.
+    the Pythia sizes for that architecture). Returns (rows, trends, skipped): one row per
+    group and size with the group's columns, ``size``, ``n_params``, ``kind`` (``fit`` at a
+    measured size, ``extrapolated`` at a target outside them), ``multiplier``, ``ci_low``,
+    ``ci_high`` and the exponent ``b`` with its interval; the fitted trends by group key; and,
+    for groups without a trend, why."""
+    rows: list[dict] = []
+    trends: dict[tuple, SizeTrend] = {}
+    skipped: dict[tuple, str] = {}
+    if effective.empty:
+        return pd.DataFrame(rows), trends, skipped
+    group = [g for g in group if g in effective]
+    for key, g in effective.groupby(group, dropna=False, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        base = dict(zip(group, key))
+        pts = g[g["method"].isin(POINT_METHODS) & np.isfinite(g["n_params"].astype(float))]
+        by_size = [(str(s), float(h["n_params"].mean()), h[value].astype(float).tolist())
+                   for s, h in pts.groupby("size")]  # fmt: skip
+        usable = [t for t in by_size if any(math.isfinite(v) and v > 0 for v in t[2])]
+        if len({t[1] for t in usable}) < 2:
+            skipped[key] = (f"{len(usable)} size(s) with a finite multiplier (a trend needs 2); sizes run: "
+                            f"{', '.join(sorted(map(str, g['size'].unique())))}")  # fmt: skip
+            continue
+        tr = size_trend([t[1] for t in usable], [t[2] for t in usable], n_boot=n_boot, level=level, seed=seed)
+        trends[key] = tr
+        common = {"b": tr.b, "b_ci_low": tr.b_ci_low, "b_ci_high": tr.b_ci_high, "n_sizes": len(tr.sizes)}
+        points = [(name, n) for name, n, _ in usable]
+        measured = {n for _, n in points}
+        extra = targets(base) if targets else {}
+        points += [(name, float(n)) for name, n in extra.items() if float(n) not in measured]
+        for name, n in sorted(points, key=lambda t: t[1]):
+            p = tr.extrapolate(n)
+            rows.append({**base, "size": name, "n_params": n, "kind": "extrapolated" if p.extrapolated else "fit",
+                         "multiplier": p.multiplier, "ci_low": p.ci_low, "ci_high": p.ci_high, **common})  # fmt: skip
+    return pd.DataFrame(rows), trends, skipped

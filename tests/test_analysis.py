@@ -112,15 +112,17 @@ def test_bootstrap_ci_contains_the_mean():
 # -- synthetic sweep ------------------------------------------------------------------------------
 def write_run(root: Path, name: str, *, kind: str, seed: int, flops, loss, done: bool = True, mixer: str = "retnet",
               source: str | None = None, events: list | None = None, evals: dict | None = None,
-              config_only: bool = False) -> Path:  # fmt: skip
-    """A fake run directory the way the trainer writes one."""
+              config_only: bool = False, size: str = "micro", dims: tuple[int, int] = (2, 64),
+              freeze_policy: str = "lit") -> Path:  # fmt: skip
+    """A fake run directory the way the trainer writes one (``dims``: layers and width of the
+    exported model config, matching ``size``)."""
     d = root / name
     d.mkdir(parents=True)
     cfg = {
         "name": name, "out_dir": str(d), "seed": seed,
-        "model": {"size": "micro", "mixer": mixer, "attention_layers": "none"},
+        "model": {"size": size, "mixer": mixer, "attention_layers": "none"},
         "init": {"kind": kind, "source": source, "components": ["embed", "mlp"] if kind == "xatl" else []},
-        "freeze": {"policy": "lit", "threshold": 0.01, "patience": 1, "window": 3, "unfreeze_order": [["all"]],
+        "freeze": {"policy": freeze_policy, "threshold": 0.01, "patience": 1, "window": 3, "unfreeze_order": [["all"]],
                    "rewarmup_steps": 2},
         "budget": {"steps": None, "tokens": None, "flops": float(flops[-1])},
     }  # fmt: skip
@@ -141,8 +143,8 @@ def write_run(root: Path, name: str, *, kind: str, seed: int, flops, loss, done:
         meta = {
             "name": name, "config": cfg, "steps": len(rows), "tokens": 128 * len(rows), "flops": float(flops[-1]),
             "wall_time": flops[-1] / 1e9, "final_val_loss": float(loss[-1]), "unfreeze_events": events or [],
-            "model_config": {"num_hidden_layers": 2, "hidden_size": 64, "family": "neox",
-                             "layer_mixers": [mixer, mixer]},
+            "model_config": {"num_hidden_layers": dims[0], "hidden_size": dims[1], "family": "neox",
+                             "layer_mixers": [mixer] * dims[0]},
             "transfer": {"fraction": 0.6, "fraction_no_embed": 0.3} if kind == "xatl" else None,
         }  # fmt: skip
         (d / "meta.json").write_text(json.dumps(meta))
@@ -265,3 +267,160 @@ def test_report_on_an_empty_sweep(tmp_path):
     assert "0 runs found" in md and (tmp_path / "figures" / "loss_vs_flops.png").read_bytes()[:8] == PNG_MAGIC
     with pytest.raises(FileNotFoundError, match="does not exist"):
         write_report(tmp_path / "nope")
+
+
+# -- effective compute in the report: known multipliers, both regimes, a known size trend ------------
+E_, A_, ALPHA_ = 2.0, 4.0e3, 0.3  # scratch: L(C) = E + A * C^-alpha
+
+
+def _scratch_loss(c, rng, noise=0.001):
+    c = np.asarray(c, dtype=float)
+    return E_ + A_ * c**-ALPHA_ + rng.normal(0, noise, len(c))
+
+
+#: the ladder of the synthetic sweep: size -> (layers, width) and the XATL budget in FLOPs
+LADDER = {"mini": ((4, 64), 1e12), "tiny": ((4, 128), 3e12), "small": ((4, 256), 1e13)}
+TREND_B = 0.25  # true multiplier m(N) = 2 * (N / 2.5e5)^0.25
+
+
+def _true_multiplier(n_params: float) -> float:
+    return 2.0 * (n_params / 2.5e5) ** TREND_B
+
+
+def _ladder_sweep(root: Path, scratch_factor: dict[str, float], seeds=(0, 1, 2)) -> dict[str, float]:
+    """Per size and seed a scratch run of ``scratch_factor[size]`` x the XATL budget and an
+    XATL run whose loss at every budget b is scratch's at m(N) * b; a source for the smallest
+    size (its hf/ export is what that size's XATL runs name). Returns size -> m(N)."""
+    from xatl_ds.sizes import non_embedding_params, size_config
+
+    src = write_run(root, "source-mini", kind="scratch", seed=0, flops=np.linspace(1e12, 2e13, 20),
+                    loss=np.linspace(7.0, 4.0, 20), mixer="attention", size="mini", dims=(4, 64))  # fmt: skip
+    (src / "hf").mkdir()
+    truth = {}
+    for size, (dims, budget) in LADDER.items():
+        m = truth[size] = _true_multiplier(non_embedding_params(size_config(size, "mamba")))
+        for s in seeds:
+            rng = np.random.default_rng(100 * s + dims[1])
+            cs = np.linspace(0, scratch_factor[size] * budget, 41)[1:]
+            write_run(root, f"{size}-scratch-s{s}", kind="scratch", seed=s, flops=cs, loss=_scratch_loss(cs, rng),
+                      mixer="mamba", size=size, dims=dims)  # fmt: skip
+            cx = np.linspace(0, budget, 21)[1:]
+            write_run(root, f"{size}-xatl-s{s}", kind="xatl", seed=s, flops=cx, mixer="mamba", size=size, dims=dims,
+                      loss=E_ + A_ * (m * cx) ** -ALPHA_,
+                      source=str(src / "hf") if size == "mini" else "hub/other")  # fmt: skip
+    return truth
+
+
+def test_report_effective_compute_both_regimes_and_size_trend(tmp_path):
+    # mini and tiny: scratch trains 5x the XATL budget (past m * budget: interpolated);
+    # small: scratch stops at the XATL budget and never reaches XATL's loss (extrapolated)
+    truth = _ladder_sweep(tmp_path, {"mini": 5.0, "tiny": 5.0, "small": 1.0})
+    assert 1.9 < truth["mini"] < truth["tiny"] < truth["small"] < 4.5
+    md = write_report(tmp_path, n_boot=500, fit_boot=100).read_text()
+
+    eff = pd.read_csv(tmp_path / "effective.csv")
+    assert len(eff) == 9 and set(eff["size"]) == set(LADDER)
+    for size, m in truth.items():
+        rows = eff[eff["size"] == size]
+        want = "extrapolated" if size == "small" else "interpolated"
+        assert (rows["method"] == want).all(), (size, rows["method"].tolist())
+        # measured: within 5%; extrapolated 4x past the data, the fit's noise shows: within 10%
+        np.testing.assert_allclose(rows["multiplier"], m, rtol=0.05 if want == "interpolated" else 0.1)
+        # the method is in every phrase; an extrapolated number carries its interval and how far it reached
+        assert all(p.endswith(f"({want})") or "extrapolated" in p for p in rows["effective"])
+    small = eff[eff["size"] == "small"]
+    assert (small["extrapolation_factor"] > 3).all() and small["effective"].str.contains(r"\[.*\]").all()
+    # source-inclusive: known for mini (its source was trained in the sweep), said in words elsewhere
+    mini = eff[eff["size"] == "mini"]
+    assert (mini["multiplier_incl_source"] < mini["multiplier"]).all()
+    np.testing.assert_allclose(mini["multiplier_incl_source"], mini["scratch_flops"] / (1e12 + 2e13), rtol=1e-6)
+    assert (eff.loc[eff["size"] != "mini", "effective_incl_source"] == "source FLOPs unknown (--source-flops)").all()
+
+    along = pd.read_csv(tmp_path / "effective_curves.csv")
+    assert len(along) == 9 * 20 and set(along["method"]) <= {"interpolated", "extrapolated", "upper_bound"}
+    last = along.groupby("xatl_run").tail(1).set_index("xatl_run")["multiplier"]  # the final budget: effective.csv's
+    np.testing.assert_allclose(last.loc[eff["xatl_run"]].to_numpy(), eff["multiplier"].to_numpy(), rtol=1e-9)
+
+    summ = pd.read_csv(tmp_path / "effective_summary.csv").set_index("size")
+    for size, m in truth.items():
+        r = summ.loc[size]
+        assert r["n_seeds"] == 3 and r["n_used_effective"] == 3
+        assert r["effective_mean"] == pytest.approx(m, rel=0.05)
+        assert r["effective_ci_low"] < m < r["effective_ci_high"]
+        assert r["effective_method"] == ("extrapolated" if size == "small" else "interpolated")
+        assert r["effective"].startswith(f"{r['effective_mean']:.2f}x [") and r["effective_method"] in r["effective"]
+    assert summ.loc["mini", "n_params"] < summ.loc["small", "n_params"] / 10  # the ladder spans > 10x
+
+    trend = pd.read_csv(tmp_path / "size_trend.csv")
+    assert set(trend["kind"]) == {"measured", "fit", "extrapolated"}
+    fit = trend[trend["kind"] != "measured"]
+    b = fit["b"].iloc[0]
+    assert fit["b"].nunique() == 1 and b == pytest.approx(TREND_B, rel=0.05)  # the known trend, within 5%
+    assert fit["b_ci_low"].iloc[0] < b < fit["b_ci_high"].iloc[0]  # (seed noise only: it may be narrow)
+    ext = trend[trend["kind"] == "extrapolated"].set_index("size")
+    assert {"pythia-160m", "pythia-1b"} <= set(ext.index)
+    n1b = ext.loc["pythia-1b", "n_params"]
+    assert ext.loc["pythia-1b", "multiplier"] == pytest.approx(_true_multiplier(n1b), rel=0.5)
+    assert (trend.loc[trend["kind"] == "measured", "size"].tolist()) == ["mini", "small", "tiny"] or \
+        set(trend.loc[trend["kind"] == "measured", "size"]) == set(LADDER)  # fmt: skip
+    png = tmp_path / "figures" / "effective_vs_size.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC and "figures/effective_vs_size.png" in md
+
+    headline = md.split("## The paper's definition")[0]
+    assert "## Effective compute (the headline)" in headline and "### Savings against size" in headline
+    assert f"{summ.loc['tiny', 'effective_mean']:.2f}x [" in headline and "(extrapolated)" in headline
+    assert "N^0.2" in headline and "Extrapolated (not measured)" in headline and "pythia-1b" in headline
+    assert ">=" not in md
+    assert "## Sources" in md and "source-mini" in md.split("## Sources")[1].split("##")[0]
+
+
+def test_report_without_a_point_estimate_says_so_in_words(tmp_path):
+    """XATL worse than scratch's first evaluation: only an upper bound exists, so no number is
+    shown for it; a single size gives no trend, and the report says why."""
+    g = 1e12 * np.arange(1, 21)
+    rng = np.random.default_rng(0)
+    write_run(tmp_path, "scratch_s0", kind="scratch", seed=0, flops=g, loss=_scratch_loss(g, rng), mixer="mamba")
+    write_run(tmp_path, "xatl_s0", kind="xatl", seed=0, flops=g[:10], loss=np.full(10, 9.0), mixer="mamba",
+              source="hub/m")  # fmt: skip
+    md = write_report(tmp_path, n_boot=200, fit_boot=50).read_text()
+    eff = pd.read_csv(tmp_path / "effective.csv")
+    assert eff["method"].tolist() == ["upper_bound"]
+    phrase = eff["effective"].iloc[0]
+    assert phrase.startswith("upper bound only") and not any(ch.isdigit() for ch in phrase)  # words, no number
+    summ = pd.read_csv(tmp_path / "effective_summary.csv")
+    assert summ["effective"].tolist() == ["no estimate (1 upper bound)"] and math.isnan(summ["effective_mean"].iloc[0])
+    assert "no estimate (1 upper bound)" in md and "no trend" in md
+    assert (tmp_path / "figures" / "effective_vs_size.png").read_bytes()[:8] == PNG_MAGIC
+    assert (tmp_path / "size_trend.csv").read_text().strip() == ""  # no trend: an empty table, not a made-up one
+
+
+def test_non_embedding_params_and_the_ladder_span():
+    """One count (xatl_ds.sizes.non_embedding_params, from the FLOP counter's matmul weights):
+    12 * layers * d^2 for a Transformer, the same from a meta.json model_config, and the CPU
+    ladder's three sizes span >= 10x for both of its architectures."""
+    from xatl_ds.sizes import non_embedding_params, size_config
+    from xatl_ds.sweep import expand, load_sweep
+
+    assert non_embedding_params(size_config("tiny", "attention")) == 12 * 4 * 128**2
+    hybrid = size_config("tiny", "mamba", "paper")
+    assert hybrid.layer_mixers == ["mamba", "attention", "mamba", "mamba"]
+    as_meta = {"num_hidden_layers": 4, "hidden_size": 128, "layer_mixers": hybrid.layer_mixers}
+    assert non_embedding_params(as_meta) == non_embedding_params(hybrid) == non_embedding_params(hybrid.to_dict())
+    assert non_embedding_params(size_config("tiny", "mamba")) > non_embedding_params(hybrid)  # Mamba mixers are wider
+    runs = expand(load_sweep(Path(__file__).parents[1] / "sweeps" / "cpu_ladder.yaml"))
+    ladder = sorted({r.config["model"]["size"] for r in runs if r.init_kind == "scratch" and r.role != "source"})
+    assert len(ladder) == 3
+    for att in ("none", "paper"):
+        n = [non_embedding_params(size_config(s, "mamba", att)) for s in ladder]
+        assert max(n) / min(n) >= 10, (att, dict(zip(ladder, n)))
+
+
+def test_legends_name_the_architecture_not_the_run():
+    from analysis.figures import _group_label, arch_label
+
+    row = {"run": "runs/mamba-hybrid-xatl-lit-s0-abc123", "mixer": "mamba", "attention_layers": "1",
+           "init_kind": "xatl", "freeze_policy": "lit", "seed": 0}  # fmt: skip
+    assert arch_label(row) == "mamba+attn[1]" and arch_label({**row, "attention_layers": "none"}) == "mamba"
+    assert _group_label(row, False) == "XATL mamba+attn[1] (lit)"
+    assert _group_label({**row, "mixer": "attention", "attention_layers": "all"}, True) == "source attention"
+    assert _group_label({**row, "init_kind": "scratch"}, False) == "scratch mamba+attn[1]"

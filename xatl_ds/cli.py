@@ -349,18 +349,24 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _quickstart_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep", default="quickstart", help="sweep YAML or shipped sweep name (default: quickstart)")
     p.add_argument("--eval-limit", type=int, default=None, help="examples per eval task (default: all)")
+    p.add_argument("--report-out", default=None, metavar="DIR",
+                   help="also write the report (report.md, CSVs, figures) into DIR (make study: docs/results/cpu_ladder)")
+    p.add_argument("--max-parallel", type=int, default=1, help="concurrent runs and lm-eval processes (default 1)")
     p.set_defaults(func=_cmd_quickstart)
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .config import ConfigError, sweep_file_path
     from .quickstart import run
 
     try:
         path = sweep_file_path(args.sweep)
-    except ConfigError as e:
+        return run(path, args.eval_limit, report_out=Path(args.report_out) if args.report_out else None,
+                   max_parallel=args.max_parallel)  # fmt: skip
+    except (ConfigError, ValueError) as e:
         return _fail("quickstart", e)
-    return run(path, args.eval_limit)
 
 
 #: command -> (one-line help, the function that adds its arguments)
