@@ -447,6 +447,16 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *,
         md += ["", f"![benchmark deltas](figures/{f4.name})", ""]
     else:
         md.append("_No pairing has evaluations on both sides yet (`xatl-ds eval RUN_DIR`)._\n")
+    taught = df[df["teacher_run"].notna() | df["teacher_val_loss"].notna()] if "teacher_run" in df else pd.DataFrame()
+    if not taught.empty:
+        kept = [c for c in df.columns if c.startswith("retained/") and c.endswith("/acc")]
+        md += ["## Teacher recovery", "",
+               "Each XATL or distilled run beside its teacher (its source, or `distill.teacher`): the teacher's "
+               "validation loss on the same batches, the gap to it, and the share of the teacher's accuracy "
+               "retained on each local task (when the teacher is a run of this sweep and was evaluated).", ""]  # fmt: skip
+        md.append(md_table(taught, ["run", "teacher_run", "flops", "final_val_loss", "teacher_val_loss",
+                                    "gap_to_teacher", *kept]))  # fmt: skip
+        md.append("")
     md += ["## Runs", ""]
     md.append(md_table(df, ["run", "state", "size", "mixer", "attention_layers", "init_kind", "freeze_policy", "seed",
                             "steps", "flops", "final_val_loss", "best_val_loss", "n_unfreeze", "first_unfreeze_step",

@@ -267,4 +267,26 @@ def results_table(root: str | Path, records: list[RunRecord] | None = None) -> p
         by_hf.get(str(Path(s).resolve())) if isinstance(s, str) and s else np.nan for s in df["source"]
     ]
     df["source_flops"] = pd.to_numeric(df["source_flops"], errors="coerce")
+    _teacher_recovery(df, records)
     return df
+
+
+def _teacher_recovery(df: pd.DataFrame, records: list[RunRecord]) -> None:
+    """Beside each run, its teacher (its XATL source, or ``distill.teacher``): the teacher's
+    validation loss (measured by the trainer), the gap to it, and for every benchmark metric
+    the share of the teacher's score retained when the teacher is a run of this table."""
+    df["teacher_val_loss"] = [r.meta.get("teacher_val_loss", math.nan) for r in records]
+    df["gap_to_teacher"] = df["final_val_loss"] - df["teacher_val_loss"]
+    row_of_hf = {str((r.run_dir / "hf").resolve()): i for i, r in zip(df.index, records)}
+    teachers = []
+    for r, src in zip(records, df["source"]):
+        t = ((r.config.get("distill") or {}).get("teacher")) or src
+        teachers.append(row_of_hf.get(str(Path(t).resolve())) if isinstance(t, str) and t else None)
+    df["teacher_run"] = [df.at[j, "run"] if j is not None else None for j in teachers]
+    for col in [c for c in df.columns if c.startswith(EVAL_PREFIX) and not c.endswith("_stderr")]:
+        vals = []
+        for i, j in zip(df.index, teachers):
+            tv = df.at[j, col] if j is not None else math.nan
+            ok = j is not None and isinstance(tv, (int, float)) and math.isfinite(tv) and tv != 0
+            vals.append(float(df.at[i, col]) / float(tv) if ok else math.nan)
+        df["retained/" + col[len(EVAL_PREFIX):]] = vals

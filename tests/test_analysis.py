@@ -424,3 +424,24 @@ def test_legends_name_the_architecture_not_the_run():
     assert _group_label(row, False) == "XATL mamba+attn[1] (lit)"
     assert _group_label({**row, "mixer": "attention", "attention_layers": "all"}, True) == "source attention"
     assert _group_label({**row, "init_kind": "scratch"}, False) == "scratch mamba+attn[1]"
+
+
+def test_teacher_recovery_columns(tmp_path):
+    """An XATL run whose source is a run of the table gets the teacher's val loss, the gap to
+    it and the share of the teacher's benchmark score retained."""
+    g = 1e9 * 1.5 ** np.arange(0, 8)
+    src = write_run(tmp_path, "source", kind="scratch", seed=0, flops=g, loss=loglinear(g), mixer="attention",
+                    evals=_evals(0.40, 0.03))  # fmt: skip
+    (src / "hf").mkdir()
+    x = write_run(tmp_path, "xatl_s0", kind="xatl", seed=0, flops=g, loss=loglinear(2 * g), source=str(src / "hf"),
+                  evals=_evals(0.30, 0.03))  # fmt: skip
+    meta = json.loads((x / "meta.json").read_text())
+    meta["teacher_val_loss"] = 4.0
+    (x / "meta.json").write_text(json.dumps(meta))
+    df = results_table(tmp_path).set_index("name")
+    assert df.at["xatl_s0", "teacher_run"] == "source"
+    assert df.at["xatl_s0", "gap_to_teacher"] == pytest.approx(loglinear(2 * g)[-1] - 4.0)
+    assert df.at["xatl_s0", "retained/xatl_nextsent/acc"] == pytest.approx(0.75)
+    assert math.isnan(df.at["source", "retained/xatl_nextsent/acc"]), "a run without a teacher retains nothing"
+    md = write_report(tmp_path).read_text()
+    assert "## Teacher recovery" in md and "| xatl_s0 | source |" in md and "0.75" in md

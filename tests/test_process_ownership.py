@@ -126,7 +126,8 @@ def test_second_launch_of_a_live_run_is_refused(tmp_path, tiny_dataset):
     assert_no_orphans(str(cfg))
 
 
-def test_sweep_launcher_killed_leaves_no_orphan_and_no_double_training(tmp_path, tiny_dataset):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_sweep_launcher_killed_leaves_no_orphan_and_no_double_training(tmp_path, tiny_dataset, sig):
     sweep = {"name": "k", "out_dir": str(tmp_path / "sw"), "base": run_config(tmp_path, tiny_dataset),
              "axes": {"seed": [0]}}  # fmt: skip
     del sweep["base"]["name"], sweep["base"]["out_dir"]
@@ -139,13 +140,14 @@ def test_sweep_launcher_killed_leaves_no_orphan_and_no_double_training(tmp_path,
         return found[0] if found else None
 
     wait_for(lambda: run_dir() is not None and len(steps_logged(run_dir())) >= 6, 300, "the sweep's run to train")
-    proc.kill()  # kill -9 of the sweep launcher: its run must not keep training on its own
-    proc.wait()
+    proc.send_signal(sig)  # the sweep launcher stops or dies: its run must not keep training on its own
+    proc.wait(timeout=60)
     assert_no_orphans(str(tmp_path / "sw" / "configs"))
     assert_resumes_exactly([XATL, "sweep", "run", str(f)], run_dir())
 
 
-def test_tune_worker_killed_leaves_no_rank(tmp_path, tiny_dataset):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_tune_worker_killed_leaves_no_rank(tmp_path, tiny_dataset, sig):
     base = run_config(tmp_path, tiny_dataset)
     del base["name"], base["out_dir"]
     study = {"study_name": "k", "storage": f"sqlite:///{tmp_path / 'k.db'}", "out_dir": str(tmp_path / "study"),
@@ -156,8 +158,8 @@ def test_tune_worker_killed_leaves_no_rank(tmp_path, tiny_dataset):
     trial = tmp_path / "study" / "trials" / "0000"
     proc = start([XATL, "tune", str(f), "--worker-id", "victim"], tmp_path / "log1")
     wait_for(lambda: len(steps_logged(trial)) >= 6, 300, "the trial to train")
-    proc.kill()
-    proc.wait()
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
     assert_no_orphans(str(tmp_path / "study" / "trials"))
     # a new worker fails the stale trial and retries it in the same folder, resuming it
     assert_resumes_exactly([XATL, "tune", str(f), "--worker-id", "second"], trial)

@@ -294,3 +294,19 @@ def test_dry_run_checks_data_before_anything_starts(tmp_path, tiny_dataset):
         "data": {"path": str(tiny_dataset), "seq_len": 10**6, "batch_size": 2}}))  # fmt: skip
     with pytest.raises(SweepError, match=r"data.seq_len"):
         run_sweep(long, dry_run=True, out=io.StringIO())
+
+
+def test_a_teacher_is_a_dependency_like_a_source(tmp_path):
+    sw = load_sweep({
+        "name": "kd", "out_dir": str(tmp_path / "root"),
+        "sources": {"src": {"model": {"size": "micro"}, "budget": {"steps": 5}},
+                    "big": {"model": {"size": "tiny"}, "budget": {"steps": 5}}},
+        "base": {"model": {"size": "micro"}, "data": {"path": "d", "seq_len": 8, "batch_size": 2}, "budget": {"steps": 3},
+                 "init": {"kind": "xatl", "source": "@source:src"},
+                 "distill": {"enabled": True, "teacher": "@source:big"}},
+        "axes": {"seed": [0]},
+    })  # fmt: skip
+    srcs = {r.name: r for r in expand(sw) if r.is_source}
+    (run,) = [r for r in expand(sw) if not r.is_source]
+    assert run.config["distill"]["teacher"] == str(srcs["source-big"].out_dir / "hf")
+    assert run.needs == [srcs["source-src"].key, srcs["source-big"].key], "the run waits for both"

@@ -113,24 +113,30 @@ def place(root: Path, cfg: dict, name: str, *, role: str = "run", sources: dict[
           out_dir: Path | None = None) -> RunSpec:  # fmt: skip
     """Validate ``cfg`` and give it its id, key and directory (``root/runs/<key>`` unless
     ``out_dir``). A scratch run drops ``init.source`` (scratch twins share axes that name a
-    source); a placeholder (``@source``, ``@source:NAME``; the keys of ``sources``) becomes that
-    source's export, whose path is part of the run's hash."""
+    source); a placeholder (``@source``, ``@source:NAME``; the keys of ``sources``) in
+    ``init.source`` or ``distill.teacher`` becomes that run's export, whose path is part of the
+    run's hash, and the run waits for it."""
     check_name(name, f"run name of {name!r}")
     cfg = copy.deepcopy(cfg)
     init = cfg.setdefault("init", {})
     if init.get("kind", "scratch") == "scratch":
         init.pop("source", None)
-    needs = []
-    ref = init.get("source")
-    if isinstance(ref, str) and ref.startswith(SOURCE_REF):
+    needs: list[str] = []
+    # a source and a teacher are the same kind of dependency: a planned run whose export is read
+    for section, field_ in (("init", "source"), ("distill", "teacher")):
+        node = cfg.get(section) or {}
+        ref = node.get(field_)
+        if not (isinstance(ref, str) and ref.startswith(SOURCE_REF)):
+            continue
         src = (sources or {}).get(ref)
         if src is None and not sources:
-            raise PlanError(f"run {name}: init.source is {ref!r} but there is no source: section (or sources:)")
+            raise PlanError(f"run {name}: {section}.{field_} is {ref!r} but there is no source: section (or sources:)")
         if src is None:
-            raise PlanError(f"run {name}: init.source is {ref!r}, which names none of this file's sources "
+            raise PlanError(f"run {name}: {section}.{field_} is {ref!r}, which names none of this file's sources "
                             f"{sorted(sources)}")  # fmt: skip
-        init["source"] = str(src.dir.hf)
-        needs.append(src.key)
+        node[field_] = str(src.dir.hf)
+        if src.key not in needs:
+            needs.append(src.key)
     cfg["name"] = name
     cfg["out_dir"] = str(out_dir) if out_dir is not None else "<placed>"
     rc = _validated(cfg, f"run {name}")
