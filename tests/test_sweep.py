@@ -310,3 +310,24 @@ def test_a_teacher_is_a_dependency_like_a_source(tmp_path):
     (run,) = [r for r in expand(sw) if not r.is_source]
     assert run.config["distill"]["teacher"] == str(srcs["source-big"].out_dir / "hf")
     assert run.needs == [srcs["source-src"].key, srcs["source-big"].key], "the run waits for both"
+
+
+def test_only_selects_a_subset_of_the_same_runs(tmp_path):
+    from xatl_ds.sweep import select
+
+    d = {"name": "l", "out_dir": str(tmp_path / "root"),
+         "sources": {n: {"model": {"size": n}, "budget": {"steps": 5}} for n in ("micro", "tiny")},
+         "base": {"data": {"path": "d", "seq_len": 8, "batch_size": 2}, "budget": {"steps": 3}},
+         "axes": {"size": {"zip": {"model.size": ["micro", "tiny"], "init.source": ["@source:micro", "@source:tiny"]},
+                           "labels": ["micro", "tiny"]},
+                  "init": [{"label": "scratch", "init.kind": "scratch"}, {"label": "xatl", "init.kind": "xatl"}],
+                  "seed": [0, 1]}}  # fmt: skip
+    full = {r.key: r for r in expand(load_sweep(d))}
+    part = expand(select(load_sweep(d), ["size=micro", "seed=s1"]))
+    assert [r.name for r in part] == ["source-micro", "micro-scratch-s1", "micro-xatl-s1"]
+    assert all(r.key in full and full[r.key].out_dir == r.out_dir for r in part), "the same runs, the same folders"
+    assert part[2].baseline == part[1].key
+    with pytest.raises(SweepError, match=r"axis size has no label\(s\) \['huge'\]"):
+        select(load_sweep(d), ["size=huge"])
+    with pytest.raises(SweepError, match="AXIS=LABEL"):
+        select(load_sweep(d), ["nope=1"])

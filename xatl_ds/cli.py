@@ -220,18 +220,27 @@ def _sweep_parser(p: argparse.ArgumentParser) -> None:
     r.add_argument("--dry-run", action="store_true", help="print the deepspeed command of every run and exit")
     r.add_argument("--max-parallel", type=int, default=1,
                    help="concurrent runs (on GPUs each gets its own --include device block)")  # fmt: skip
+    _add_only_option(r)
     _add_launch_options(r)
     r.set_defaults(func=_cmd_sweep_run)
     s = sub.add_parser("status", help="table of runs: state, steps done, last val loss")
     s.add_argument("file", help="sweep YAML, or the name of a shipped sweep")
+    _add_only_option(s)
     s.set_defaults(func=_cmd_sweep_status)
 
 
-def _load_sweep(file: str):
-    from .config import sweep_file_path
-    from .sweep import load_sweep
+def _add_only_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--only", action="append", default=[], metavar="AXIS=LABEL[,LABEL]",
+                   help="keep only these labels of an axis (repeatable), e.g. --only size=mini,tiny: a subset "
+                        "of the same runs, which the whole grid later skips")  # fmt: skip
 
-    return load_sweep(sweep_file_path(file))
+
+def _load_sweep(file: str, only: list[str] | None = None):
+    from .config import sweep_file_path
+    from .sweep import load_sweep, select
+
+    sweep = load_sweep(sweep_file_path(file))
+    return select(sweep, only) if only else sweep
 
 
 def _cmd_sweep_run(args: argparse.Namespace) -> int:
@@ -239,7 +248,7 @@ def _cmd_sweep_run(args: argparse.Namespace) -> int:
     from .sweep import SweepError, run_sweep
 
     try:
-        sweep = _load_sweep(args.file)
+        sweep = _load_sweep(args.file, args.only)
         return run_sweep(sweep, _launch_options(args), max_parallel=args.max_parallel, dry_run=args.dry_run)
     except (SweepError, ConfigError) as e:
         return _fail("sweep", e)
@@ -250,7 +259,7 @@ def _cmd_sweep_status(args: argparse.Namespace) -> int:
     from .sweep import STATES, SweepError, format_table, status_rows
 
     try:
-        rows = status_rows(_load_sweep(args.file))
+        rows = status_rows(_load_sweep(args.file, args.only))
     except (SweepError, ConfigError) as e:
         return _fail("sweep", e)
     print(format_table(rows, ["name", "id", "state", "steps", "val_loss", "returncode"]))
@@ -352,6 +361,7 @@ def _quickstart_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-out", default=None, metavar="DIR",
                    help="also write the report (report.md, CSVs, figures) into DIR (make study: docs/results/cpu_ladder)")
     p.add_argument("--max-parallel", type=int, default=1, help="concurrent runs and lm-eval processes (default 1)")
+    _add_only_option(p)
     p.set_defaults(func=_cmd_quickstart)
 
 
@@ -364,7 +374,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     try:
         path = sweep_file_path(args.sweep)
         return run(path, args.eval_limit, report_out=Path(args.report_out) if args.report_out else None,
-                   max_parallel=args.max_parallel)  # fmt: skip
+                   max_parallel=args.max_parallel, only=args.only)  # fmt: skip
     except (ConfigError, ValueError) as e:
         return _fail("quickstart", e)
 

@@ -19,19 +19,22 @@ def _say(msg: str) -> None:
     print(f"[quickstart {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run(sweep_file: Path, eval_limit: int | None = None, report_out: Path | None = None, max_parallel: int = 1) -> int:
+def run(sweep_file: Path, eval_limit: int | None = None, report_out: Path | None = None, max_parallel: int = 1,
+        only: list[str] | None = None) -> int:
     """Prepare, train (finished runs skipped), evaluate every run and write the report into
     ``report_out`` (default: the sweep root); ``max_parallel``: runs trained at once (on a CPU
     machine each run's single rank uses one core). Returns the exit code."""
     from analysis.report import write_report
 
     from .data import PrepareConfig, prepare
-    from .sweep import expand, load_sweep, run_sweep
+    from .sweep import expand, load_sweep, run_sweep, select
 
     if max_parallel < 1:
         raise ValueError(f"max_parallel={max_parallel} must be >= 1 (runs trained and evaluated at once)")
     t0 = time.monotonic()
     sweep = load_sweep(sweep_file)
+    if only:
+        sweep = select(sweep, only)  # a subset of the grid (``--only size=mini``)
     runs = expand(sweep)  # validates every run config before anything starts
     data_dir = Path(runs[0].config["data"]["path"]) if isinstance(runs[0].config, dict) else None
     data_dir = data_dir or Path("runs/data/builtin")

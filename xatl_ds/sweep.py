@@ -54,14 +54,14 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
 from .executor import Launch, LaunchOptions, RunLocked, check_free, cuda_devices, deepspeed_command, with_port
 from .runspec import SOURCE_REF, PlanError, RunSpec, check_name, place, record, source_spec
 
-__all__ = ["SOURCE_REF", "STATES", "Sweep", "SweepError", "Index", "load_sweep", "expand", "write_configs",
+__all__ = ["SOURCE_REF", "STATES", "Sweep", "SweepError", "Index", "load_sweep", "select", "expand", "write_configs",
            "run_sweep", "status_rows", "format_table", "slot_options"]  # fmt: skip
 
 STATES = ("pending", "running", "done", "failed")
@@ -98,6 +98,8 @@ class Sweep:
     """Scratch runs train this many times the base budget (``baseline.budget_factor``)."""
     sources: dict[str, dict] = field(default_factory=dict)
     """Named source runs (``sources:``), referenced as ``@source:NAME``."""
+    only: dict[str, list[str]] = field(default_factory=dict)
+    """Axis name -> the labels to keep (:func:`select`); empty: the whole grid."""
 
 
 # -- parsing -------------------------------------------------------------------------------
@@ -253,6 +255,23 @@ def _scaled_budget(cfg: dict, factor: float) -> dict:
     return cfg
 
 
+def select(sweep: Sweep, specs: list[str]) -> Sweep:
+    """The sweep restricted to some labels of some axes, ``["size=mini,tiny", ...]``: a subset
+    of the same runs (same ids and folders, so the full grid later skips what is done)."""
+    only = dict(sweep.only)
+    axes = {a.name: a for a in sweep.axes}
+    for spec in specs:
+        name, _, labels = spec.partition("=")
+        if name not in axes or not labels:
+            raise SweepError(f"--only {spec!r}: give AXIS=LABEL[,LABEL...] with an axis of {sorted(axes)}")
+        wanted = [x.strip() for x in labels.split(",") if x.strip()]
+        unknown = sorted(set(wanted) - set(axes[name].labels))
+        if unknown:
+            raise SweepError(f"--only {spec!r}: axis {name} has no label(s) {unknown}; its labels: {axes[name].labels}")
+        only[name] = wanted
+    return replace(sweep, only=only)
+
+
 def expand(sweep: Sweep, world_size: int | None = None) -> list[RunSpec]:
     """Every run of the sweep (the source first), each validated, with its baseline; raises
     :class:`SweepError` naming the run and field on the first bad one. ``world_size`` also
@@ -291,6 +310,10 @@ def _expand(sweep: Sweep, world_size: int | None) -> list[RunSpec]:
         by_combo[tuple(i for _, _, i in combo)] = run
         runs.append(run)
     _pair(sweep, recipe, by_combo)
+    if sweep.only:  # a subset of the grid, and the sources it needs
+        keep = [r for r in runs if r.is_source or all(r.labels.get(a) in labs for a, labs in sweep.only.items())]
+        needed = {k for r in keep for k in r.needs}
+        runs = [r for r in keep if not r.is_source or r.key in needed]
     names = [r.name for r in runs]
     for r in runs:  # duplicate readable names: disambiguated by the key's hash anyway
         if names.count(r.name) > 1:
