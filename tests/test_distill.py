@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import subprocess
-import time
 
 import pytest
 import torch
 
 from conftest import REPO, TINY_VOCAB, train_env
-from test_train import _single, rows, run_deepspeed, write_cfg
+from test_train import _single, rows, run_deepspeed, train_killed_and_resumed, write_cfg
 
 
 @pytest.fixture(scope="module")
@@ -267,28 +264,7 @@ def test_killed_distillation_run_resumes_exactly(tmp_path, tiny_dataset, source_
                       distill={"enabled": True, "reverse_kl_weight": 0.5, "temperature": 2.0},
                       budget={"steps": 10}, eval={"every": 4, "batches": 2}, checkpoint={"every": 2},
                       deepspeed={"config": "zero2.json"})  # fmt: skip
-    full = write_cfg(tmp_path / "full.yaml", **{**common, "name": "full", "out_dir": str(tmp_path / "full")})
-    broken = write_cfg(tmp_path / "broken.yaml", **{**common, "name": "broken", "out_dir": str(tmp_path / "broken")})
-    env = train_env()
-    subprocess.run(_single(full), cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
-
-    p = subprocess.Popen(_single(broken), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)  # fmt: skip
-    metrics = tmp_path / "broken" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and p.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.02)
-    assert p.poll() is None, "the run ended before it could be killed"
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    killed_at = len(metrics.read_text().splitlines())
-    assert 3 <= killed_at < 10 and not (tmp_path / "broken" / "DONE").exists()
-
-    subprocess.run(_single(broken), cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
-    a, b = rows(tmp_path / "full"), rows(tmp_path / "broken")
-    assert [x["step"] for x in b] == list(range(1, 11)), "no step lost or repeated"
+    a, b = train_killed_and_resumed(tmp_path, common, kill_after=3, steps=10)
     ends = [x["step"] for x in a if "align_end" in x]
     assert len(ends) == 1 and 2 <= ends[0] <= 6
     for x, y in zip(a, b):

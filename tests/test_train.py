@@ -109,6 +109,33 @@ def _single(cfg: Path) -> list[str]:
     return [PY, "-m", "xatl_ds.train", "--config", str(cfg)]
 
 
+def train_killed_and_resumed(tmp_path: Path, common: dict, kill_after: int, steps: int) -> tuple[list, list]:
+    """Train ``common`` once uninterrupted ("full") and once killed with SIGKILL after
+    ``kill_after`` metrics rows then rerun ("broken"); returns both runs' metrics rows, after
+    checking the kill happened mid-run and the rerun logged every step exactly once."""
+    full = write_cfg(tmp_path / "full.yaml", **{**common, "name": "full", "out_dir": str(tmp_path / "full")})
+    broken = write_cfg(tmp_path / "broken.yaml", **{**common, "name": "broken", "out_dir": str(tmp_path / "broken")})
+    env = train_env()
+    subprocess.run(_single(full), cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+    p = subprocess.Popen(_single(broken), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)  # fmt: skip
+    metrics = tmp_path / "broken" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= kill_after:
+            break
+        time.sleep(0.02)
+    assert p.poll() is None, "the run ended before it could be killed"
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    killed_at = len(metrics.read_text().splitlines())
+    assert kill_after <= killed_at < steps and not (tmp_path / "broken" / "DONE").exists()
+    subprocess.run(_single(broken), cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+    a, b = rows(tmp_path / "full"), rows(tmp_path / "broken")
+    assert [x["step"] for x in b] == list(range(1, steps + 1)), "no step lost or repeated"
+    return a, b
+
+
 def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_dataset):
     common = dict(
         model={"size": "micro", "mixer": "mamba2", "mamba2_headdim": 32, "chunk_size": 16},
@@ -116,35 +143,15 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_dataset):
         budget={"steps": 12}, eval={"every": 4, "batches": 2}, checkpoint={"every": 3},
         optim={"warmup_steps": 2}, deepspeed={"config": "zero2.json"}, seed=1,
     )  # fmt: skip
-    full = write_cfg(tmp_path / "full.yaml", name="full", out_dir=str(tmp_path / "full"), **common)
-    broken = write_cfg(tmp_path / "broken.yaml", name="broken", out_dir=str(tmp_path / "broken"), **common)
-    env = train_env()
-    subprocess.run(_single(full), cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
-
-    p = subprocess.Popen(_single(broken), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)  # fmt: skip
-    metrics = tmp_path / "broken" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and p.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 7:
-            break
-        time.sleep(0.05)
-    assert p.poll() is None, "the run ended before it could be killed"
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    killed_at = len(metrics.read_text().splitlines())
-    assert 7 <= killed_at < 12 and not (tmp_path / "broken" / "DONE").exists()
-
-    subprocess.run(_single(broken), cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
-    a, b = rows(tmp_path / "full"), rows(tmp_path / "broken")
-    assert [x["step"] for x in b] == list(range(1, 13)), "no step lost or repeated"
+    a, b = train_killed_and_resumed(tmp_path, common, kill_after=7, steps=12)
     for x, y in zip(a, b):
         assert abs(x["train_loss"] - y["train_loss"]) < 1e-4, (x["step"], x["train_loss"], y["train_loss"])
         assert x["flops"] == y["flops"] and x["tokens"] == y["tokens"]
     assert abs(a[-1]["val_loss"] - b[-1]["val_loss"]) < 1e-4
 
     # a finished run is skipped: rerunning is a no-op that says so
-    r = subprocess.run(_single(broken), cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(_single(tmp_path / "broken.yaml"), cwd=REPO, env=train_env(), capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
     assert r.returncode == 0 and "already finished" in r.stdout
 
 
