@@ -43,6 +43,14 @@ def _empty(path: Path, title: str, msg: str) -> Path:
     return path
 
 
+def _save(fig, path: Path) -> Path:
+    """Lay out, write and close a figure; returns its path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _size_order(df: pd.DataFrame) -> list[str]:
     if df.empty:
         return []
@@ -106,10 +114,7 @@ def plot_loss_vs_flops(df: pd.DataFrame, curves: Mapping[str, pd.DataFrame], eve
         ax.set_title(f"{size} (o = unfreeze, dotted = source)")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_savings_vs_size(agg: pd.DataFrame, df: pd.DataFrame, path: str | Path) -> Path:
@@ -137,10 +142,7 @@ def plot_savings_vs_size(agg: pd.DataFrame, df: pd.DataFrame, path: str | Path) 
     ax.set_title("paper's definition vs model size (hollow = lower bound)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_effective_vs_size(trend: pd.DataFrame, path: str | Path) -> Path:
@@ -192,10 +194,7 @@ def plot_effective_vs_size(trend: pd.DataFrame, path: str | Path) -> Path:
     ax.set_title("effective compute vs size (dashed: extrapolation, not a measurement)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_savings_curves(curves: Mapping[str, pd.DataFrame], path: str | Path) -> Path:
@@ -217,10 +216,7 @@ def plot_savings_curves(curves: Mapping[str, pd.DataFrame], path: str | Path) ->
     ax.set_title("savings vs target loss (o = lower bound)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_benchmark_deltas(deltas: pd.DataFrame, path: str | Path) -> Path:
@@ -248,7 +244,4 @@ def plot_benchmark_deltas(deltas: pd.DataFrame, path: str | Path) -> Path:
     ax.set_title("benchmark deltas at equal compute")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

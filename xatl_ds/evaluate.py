@@ -61,14 +61,14 @@ def _lm_class():
 
         ``pretrained`` may be an ``hf/`` dir or a run dir holding one. Defaults:
         ``trust_remote_code=False`` (XatlForCausalLM is registered with AutoModelForCausalLM
-        by ``import xatl_ds``), device ``cuda`` when available else ``cpu``, tokenizer padding
+        by ``import xatl_ds.models``), device ``cuda`` when available else ``cpu``, tokenizer padding
         on the right.
         """
 
         def __init__(self, pretrained: Any = None, **kwargs: Any) -> None:
             import torch
 
-            import xatl_ds  # noqa: F401  (registers XatlConfig / XatlForCausalLM with the Auto classes)
+            import xatl_ds.models  # noqa: F401  (registers XatlConfig / XatlForCausalLM with the Auto classes)
 
             if isinstance(pretrained, (str, os.PathLike)):
                 p = Path(pretrained)

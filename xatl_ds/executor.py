@@ -33,8 +33,8 @@ from typing import IO, Any
 
 from .rundir import RunDir, RunLocked, pid_alive, process_start_time
 
-__all__ = ["LaunchOptions", "Launch", "deepspeed_command", "free_port", "train_env", "run_foreground",
-           "check_free", "watch_owner", "OWNER_ENV", "LAUNCHERS"]  # fmt: skip
+__all__ = ["LaunchOptions", "Launch", "deepspeed_command", "free_port", "with_port", "train_env", "run_foreground",
+           "check_free", "watch_owner", "cuda_devices", "RunLocked", "OWNER_ENV", "LAUNCHERS"]  # fmt: skip
 
 OWNER_ENV = "XATL_OWNER"
 LAUNCHERS = ("pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi")
@@ -175,7 +175,7 @@ class Launch:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Launch":
-        out = self.log if self.log is not None else None
+        out = self.log  # None: the parent's stdout/stderr
         self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT if out is not None else None,
                                      env=self.env, preexec_fn=_child_setup(_prctl()))  # fmt: skip
         return self
@@ -280,5 +280,3 @@ def cuda_devices() -> int:
     except (OSError, subprocess.SubprocessError):
         return 0
 
-
-__all__ += ["with_port", "cuda_devices", "RunLocked"]
