@@ -8,7 +8,9 @@ answers at once. The library never imports this module.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
+import socket
 import sys
 from typing import Callable, Sequence
 
@@ -274,23 +276,69 @@ def _tune_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", help="override the storage: an RDB URL or journal:PATH")
     p.add_argument("--n-trials", type=int, help="trials the study should reach, all workers together (0: write best.yaml)")
     p.add_argument("--worker-id", help="name of this worker in logs, trial attrs and its sampler seed (default host-pid)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="workers on this machine, each training one trial at a time (default 1); "
+                        "the extra ones are child processes that die with this command")  # fmt: skip
+    p.add_argument("--confirm", action="store_true",
+                   help="re-train the best trial's setting and the references: on the fresh confirm.seeds, "
+                        "then write confirm.md (see xatl_ds.confirm)")  # fmt: skip
+    p.add_argument("--max-parallel", type=int, default=1, help="with --confirm: concurrent runs (default 1)")
+    p.add_argument("--report-out", default=None, metavar="DIR", help="with --confirm: report folder (default OUT_DIR/confirm)")
+    p.add_argument("--dry-run", action="store_true", help="with --confirm: print the confirmation runs' commands")
     _add_launch_options(p)
     p.set_defaults(func=_cmd_tune)
+
+
+def _tune_child_argv(args: argparse.Namespace, worker_id: str) -> list[str]:
+    """The command line of an extra local worker: this one's, as one worker named ``worker_id``."""
+    argv = ["tune", args.file, "--worker-id", worker_id]
+    for flag, v in (("--storage", args.storage), ("--n-trials", args.n_trials), ("--num-gpus", args.num_gpus),
+                    ("--num-nodes", args.num_nodes), ("--hostfile", args.hostfile), ("--launcher", args.launcher),
+                    ("--include", args.include)):  # fmt: skip
+        if v is not None:
+            argv += [flag, str(v)]
+    return [sys.executable, "-c", "import sys; from xatl_ds.cli import main; sys.exit(main())", *argv]
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     from .tune import StudyError, Worker, load_study
 
+    if args.workers < 1:
+        return _fail("tune", ValueError(f"--workers={args.workers}: give 1 or more"))
+    if args.workers > 1 and args.master_port is not None:
+        return _fail("tune", ValueError("--master-port with --workers > 1: the workers' trials would share one "
+                                        "port; leave it out (each launch takes a free port)"))  # fmt: skip
+    children = []
     try:
         spec = load_study(args.file)
         if args.storage:
             spec.storage = args.storage
-        Worker(spec, _launch_options(args), worker_id=args.worker_id).run(args.n_trials)
+        if args.confirm:
+            from .confirm import run_confirm
+
+            return run_confirm(spec, _launch_options(args), max_parallel=args.max_parallel,
+                               report_out=args.report_out, dry_run=args.dry_run)  # fmt: skip
+        from .executor import Launch
+        from .tune import open_study
+
+        wid = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        if args.workers > 1:
+            open_study(spec)  # create the study (and its sqlite file) before several processes race to
+        children = [Launch(_tune_child_argv(args, f"{wid}-{k}")).start() for k in range(1, args.workers)]
+        Worker(spec, _launch_options(args), worker_id=wid).run(args.n_trials)
+        rcs = [c.wait() for c in children]
+        if any(rcs):
+            print(f"[tune] extra workers exited with codes {rcs}", file=sys.stderr)
+            return 1
     except StudyError as e:
         return _fail("tune", e)
     except KeyboardInterrupt:  # the running trial is FAIL and its process group stopped
         print("[tune] interrupted; rerun the same command to continue the study", file=sys.stderr)
         return 130
+    finally:
+        for c in children:
+            if c.poll() is None:
+                c.stop(grace=30.0)
     best = spec.root / "best.yaml"
     print(f"[tune] study {spec.study_name}: best config {best if best.is_file() else '(none yet)'}")
     return 0

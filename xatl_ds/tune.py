@@ -22,6 +22,9 @@ A study YAML::
     sampler: {type: tpe, seed: 0}
     heartbeat: {interval: 60, grace_period: 180, max_retry: 2}
     launch: {num_gpus: 1}
+    references:              # named settings to compare with (search-space values; choice names)
+      paper: {freeze.threshold: 0.01, freeze.patience: 1, freeze.unfreeze_order: all, ...}
+    confirm: {seeds: [100, 101, 102]}   # xatl-ds tune FILE --confirm (see xatl_ds.confirm)
 
 Categorical ``choices`` may be a list of plain values or a mapping name -> value (Optuna
 stores the name; the run config gets the value), which is how unfreeze orders and component
@@ -33,6 +36,12 @@ evaluation whose val loss is <= ``objective.target_loss`` (``inf`` if never). Mu
 studies cannot prune (Optuna does not support it); single-objective ones report every
 validation loss as it is logged (``trial.report(val_loss, step)``) and stop a pruned trial's
 process group (SIGTERM, SIGKILL after ``stop_grace`` seconds).
+
+References: each named setting gives every search-space parameter a value (a categorical's
+choice name). A new study runs them first (``enqueue_trial``), so the study sees them beside
+its samples; ``xatl-ds tune FILE --confirm`` re-trains the best trial and every reference on
+the fresh ``confirm.seeds`` (:mod:`xatl_ds.confirm`), because the best trial's own value is
+selected on noise.
 
 Sampling: each worker's sampler draws independently of the others. A ``sampler.seed`` is
 combined with the worker id and the number of trials the study already holds, so two workers
@@ -77,7 +86,8 @@ from .runspec import SOURCE_REF, PlanError, RunSpec, check_name, source_spec
 
 OBJECTIVES = ("val_loss", "flops_to_target")
 _STUDY_KEYS = {"study_name", "storage", "out_dir", "n_trials", "base", "source", "search_space", "objective",
-               "pruner", "sampler", "heartbeat", "launch", "trial_command", "stop_grace", "max_failures"}  # fmt: skip
+               "pruner", "sampler", "heartbeat", "launch", "trial_command", "stop_grace", "max_failures",
+               "references", "confirm"}  # fmt: skip
 
 
 class StudyError(ValueError):
@@ -107,6 +117,10 @@ class StudySpec:
     stop_grace: float = 30.0
     max_failures: int = 3
     """A worker stops after this many consecutive failed trials."""
+    references: dict[str, dict] = field(default_factory=dict)
+    """Name -> a complete setting of the search space (Optuna param values, choice names)."""
+    confirm_seeds: list[int] = field(default_factory=list)
+    """Fresh seeds on which ``--confirm`` re-trains the best trial and the references."""
     path: Path | None = None
 
 
@@ -116,7 +130,7 @@ _PARAM_TYPES = ("float", "int", "categorical", "layers")
 def load_study(source: str | Path | dict) -> StudySpec:
     """Read and check a study file; the base config and every search-space key are validated
     against the run config (a sample at the low end, high end and every choice)."""
-    from .config import read_yaml_source
+    from .config import ConfigError, load_run_config, read_yaml_source
 
     data, path = read_yaml_source(source, "study file", StudyError, needs="base: and search_space:")
     unknown = sorted(set(data) - _STUDY_KEYS)
@@ -156,10 +170,68 @@ def load_study(source: str | Path | dict) -> StudySpec:
         n_trials=int(data.get("n_trials", 10)), source=data.get("source"), pruner=pruner, sampler=sampler,
         heartbeat=hb, launch=launch, trial_command=data.get("trial_command"),
         stop_grace=float(data.get("stop_grace", 30.0)), max_failures=int(data.get("max_failures", 3)), path=path,
+        references=_references(data.get("references"), space), confirm_seeds=_confirm_seeds(data.get("confirm")),
     )  # fmt: skip
+    trial_seed = int(spec.base.get("seed", 0))
+    if trial_seed in spec.confirm_seeds:
+        raise StudyError(f"confirm.seeds has {trial_seed}, the seed every trial ran with (base seed): "
+                         "confirmation needs fresh seeds")  # fmt: skip
     make_pruner(spec), make_sampler(spec)  # fail now on bad options
     _validate_space(spec)
+    for name, ref in spec.references.items():
+        try:
+            load_run_config(trial_config(spec, params_to_values(spec, ref), 0))
+        except (ConfigError, PlanError) as e:
+            raise StudyError(f"references.{name}: {e}") from None
     return spec
+
+
+def _references(raw: Any, space: dict) -> dict[str, dict]:
+    """``references:`` checked against the search space: every parameter set, each value in
+    its range or among its choice names."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise StudyError("references: must map a name to a setting {dotted key: value} of the search space")
+    out = {}
+    for name, ref in raw.items():
+        what = f"references.{name}"
+        try:
+            check_name(str(name), "references name")
+        except PlanError as e:
+            raise StudyError(str(e)) from None
+        if not isinstance(ref, dict):
+            raise StudyError(f"{what}: must be a mapping {{dotted key: value}} over the search space")
+        extra, missing = sorted(set(ref) - set(space)), sorted(set(space) - set(ref))
+        if extra:
+            raise StudyError(f"{what}: {extra} not in search_space; a reference sets search-space keys only")
+        if missing:
+            raise StudyError(f"{what}: give a value for every search-space key; missing {missing}")
+        for key, v in ref.items():
+            p = space[key]
+            if p["type"] == "layers":
+                raise StudyError(f"{what}.{key}: references cannot set a layers parameter; fix model.attention_layers in base")
+            if p["type"] == "categorical":
+                names = list(p["choices"])
+                if v not in names:
+                    raise StudyError(f"{what}.{key}={v!r}: not a choice; choose one of {names}")
+            elif isinstance(v, bool) or not isinstance(v, (int, float)) or not float(p["low"]) <= v <= float(p["high"]):
+                raise StudyError(f"{what}.{key}={v!r}: give a number in [{p['low']}, {p['high']}]")
+            elif p["type"] == "int" and int(v) != v:
+                raise StudyError(f"{what}.{key}={v!r}: an int parameter needs an integer")
+        out[str(name)] = dict(ref)
+    return out
+
+
+def _confirm_seeds(raw: Any) -> list[int]:
+    if raw is None:
+        return []
+    seeds = raw.get("seeds") if isinstance(raw, dict) and set(raw) <= {"seeds"} else None
+    ok = isinstance(seeds, list) and len(seeds) >= 2 and len(set(seeds)) == len(seeds)
+    if not ok or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds):
+        raise StudyError("confirm: must be {seeds: [a, b, ...]}: at least 2 distinct non-negative seeds, "
+                         "none of them the base's seed the trials ran with")  # fmt: skip
+    return list(seeds)
 
 
 def _check_param(key: str, spec: Any) -> None:
@@ -489,6 +561,23 @@ class Worker:
             if rc != 0 or not src.dir.is_done():
                 raise StudyError(f"the source run failed (exit code {rc}); see {log}")
 
+    def enqueue_references(self, study) -> None:
+        """A new study runs its references first; one worker enqueues them (a file lock for the
+        workers of this machine, a study attribute for everyone)."""
+        if not self.spec.references:
+            return
+        import fcntl
+
+        self.spec.root.mkdir(parents=True, exist_ok=True)
+        with open(self.spec.root / "references.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if study.user_attrs.get("references_enqueued"):
+                return
+            for name, ref in self.spec.references.items():
+                study.enqueue_trial(ref, user_attrs={"reference": name}, skip_if_exists=True)
+            study.set_user_attr("references_enqueued", sorted(self.spec.references))
+            self.say(f"enqueued the references {sorted(self.spec.references)} as the first trials")
+
     def objective(self, trial):
         import optuna
 
@@ -576,6 +665,7 @@ class Worker:
         if n_trials is not None:
             self.spec.n_trials = n_trials
         self.ensure_source(study)
+        self.enqueue_references(study)
         done, failures = 0, 0
         heartbeat = heartbeat_interval(study)
         while True:
@@ -621,15 +711,23 @@ def objective_values(run_dir: Path, spec: StudySpec) -> list[float]:
     return out
 
 
-def write_best(study, spec: StudySpec) -> Path | None:
-    """Write the best trial (lowest val loss; for multi-objective studies the Pareto trial with
-    the lowest val loss) as a runnable run config ``<out_dir>/best.yaml``."""
+def best_trial(study, spec: StudySpec):
+    """The best COMPLETE trial (lowest val loss; for multi-objective studies the Pareto trial
+    with the lowest val loss), or None."""
     import optuna
 
     done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         return None
-    best = min(study.best_trials if len(spec.metrics) > 1 else [study.best_trial], key=lambda t: t.values[0])
+    return min(study.best_trials if len(spec.metrics) > 1 else [study.best_trial], key=lambda t: t.values[0])
+
+
+def write_best(study, spec: StudySpec) -> Path | None:
+    """Write the best trial (lowest val loss; for multi-objective studies the Pareto trial with
+    the lowest val loss) as a runnable run config ``<out_dir>/best.yaml``."""
+    best = best_trial(study, spec)
+    if best is None:
+        return None
     cfg = trial_config(spec, params_to_values(spec, best.params), best.number)
     cfg["name"] = f"{spec.study_name}-best"
     cfg["out_dir"] = str(spec.root / "best")
