@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 __all__ = ["arch_label", "variant_label", "plot_loss_vs_flops", "plot_savings_vs_size", "plot_savings_curves",
-           "plot_benchmark_deltas", "plot_effective_vs_size"]  # fmt: skip
+           "plot_benchmark_deltas", "plot_effective_vs_size", "plot_loss_vs_tokens"]  # fmt: skip
 
 
 def arch_label(row: Mapping) -> str:
@@ -27,9 +27,10 @@ def arch_label(row: Mapping) -> str:
 
 
 def variant_label(r: Mapping) -> str:
-    """``mamba+attn[1] (lit)``: architecture and XATL variant (freeze policy, unfreeze order)."""
-    extra = [str(r.get(k)) for k in ("freeze_policy", "unfreeze_order")
-             if r.get(k) is not None and r.get(k) == r.get(k) and str(r.get(k)) not in ("all", "")]  # fmt: skip
+    """``mamba+attn[1] (lit)``: architecture and XATL variant (recipe unless the paper's random
+    mixers, freeze policy, unfreeze order)."""
+    extra = [str(r.get(k)) for k in ("recipe", "freeze_policy", "unfreeze_order")
+             if r.get(k) is not None and r.get(k) == r.get(k) and str(r.get(k)) not in ("all", "", "random", "scratch")]  # fmt: skip
     return arch_label(r) + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -117,6 +118,47 @@ def plot_loss_vs_flops(df: pd.DataFrame, curves: Mapping[str, pd.DataFrame], eve
     return _save(fig, path)
 
 
+def plot_loss_vs_tokens(df: pd.DataFrame, curves: Mapping[str, pd.DataFrame], path: str | Path,
+                        sources: Iterable[str] = ()) -> Path:  # fmt: skip
+    """Validation loss vs training tokens, one panel per size: the mean over seeds of each
+    group (role, architecture, recipe; seeds cut to the shortest curve of the group so the
+    mean is over all of them), its seeds faint behind it, and each teacher's validation loss
+    as a horizontal black line: how many tokens a recipe needs to come how close to it."""
+    path = Path(path)
+    sources = set(sources)
+    rows = df[~df["run"].isin(sources)]
+    sizes = [s for s in _size_order(rows) if any(len(curves.get(r, ())) for r in rows.loc[rows["size"] == s, "run"])]
+    if not sizes:
+        return _empty(path, "validation loss vs tokens", "no validation losses logged yet")
+    labels = {r["run"]: _group_label(r, False) for _, r in rows.iterrows()}
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {g: palette[k % len(palette)] for k, g in enumerate(sorted(set(labels.values())))}
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4.2), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        here = rows[rows["size"] == size]
+        for g in sorted({labels[r] for r in here["run"]}):
+            cs = [curves[r] for r in here["run"] if labels[r] == g and r in curves and len(curves[r])]
+            if not cs:
+                continue
+            for c in cs:
+                ax.plot(c["tokens"], c["val_loss"], color=colour[g], alpha=0.2, lw=0.8)
+            n = min(len(c) for c in cs)
+            mean = np.mean([c["val_loss"].to_numpy()[:n] for c in cs], axis=0)
+            ls = "--" if g.startswith("scratch") else "-"
+            ax.plot(cs[0]["tokens"].to_numpy()[:n], mean, ls, color=colour[g], lw=1.6, label=f"{g} ({len(cs)} seeds)")
+        teacher = here["teacher_val_loss"].astype(float) if "teacher_val_loss" in here else pd.Series(dtype=float)
+        teacher = teacher[np.isfinite(teacher)]
+        if len(teacher):
+            ax.axhline(float(teacher.mean()), color="k", lw=1.2, label=f"teacher {teacher.mean():.3f}")
+        ax.set_xscale("log")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("validation loss")
+        ax.set_title(f"{size}: mean over seeds (faint: each seed)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def plot_savings_vs_size(agg: pd.DataFrame, df: pd.DataFrame, path: str | Path) -> Path:
     """The paper's FLOPs savings (mean, bootstrap CI when several seeds) vs model size, one
     line per architecture / XATL variant; hollow markers where a seed's value is only a lower
@@ -127,7 +169,7 @@ def plot_savings_vs_size(agg: pd.DataFrame, df: pd.DataFrame, path: str | Path) 
     order = _size_order(df)
     pos = {s: i for i, s in enumerate(order)}
     fig, ax = plt.subplots(figsize=(6, 4))
-    group = ["mixer", "attention_layers", "freeze_policy", "unfreeze_order"]
+    group = ["mixer", "attention_layers", "recipe", "freeze_policy", "unfreeze_order"]
     for _, g in agg.groupby([k for k in group if k in agg], dropna=False):
         g = g.assign(_x=g["size"].map(pos)).sort_values("_x")
         y = g["savings_flops_mean"].astype(float)

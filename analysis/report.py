@@ -29,8 +29,8 @@ import yaml
 
 from .effective import aggregate_effective, effective_compute, effective_table
 from .figures import (
-    arch_label, variant_label, plot_benchmark_deltas, plot_effective_vs_size, plot_loss_vs_flops, plot_savings_curves,
-    plot_savings_vs_size,
+    arch_label, variant_label, plot_benchmark_deltas, plot_effective_vs_size, plot_loss_vs_flops, plot_loss_vs_tokens,
+    plot_savings_curves, plot_savings_vs_size,
 )  # fmt: skip
 from .results import RunRecord, load_runs, plan_records, results_table
 from .savings import PAIR_KEYS, VARIANT_KEYS, aggregate_savings, benchmark_deltas, pair_runs, savings_curve, savings_table
@@ -217,6 +217,28 @@ def _pythia_targets():
     return targets
 
 
+def _excl_teacher(df: pd.DataFrame, sav: pd.DataFrame, curves: Mapping[str, pd.DataFrame], records: list[RunRecord],
+                  summ: pd.DataFrame, fit_boot: int, ema: float, n_boot: int) -> list[str]:  # fmt: skip
+    """Per summary row, the multiplier with a distillation teacher's forward FLOPs left out of
+    the XATL side (its student FLOPs alone), in words; "" for groups without a teacher."""
+    taught = set(df.loc[df["teacher_flops"].astype(float) > 0, "run"]) if "teacher_flops" in df else set()
+    pairs = sav[sav["xatl_run"].isin(taught)] if taught and not sav.empty else sav.iloc[:0]
+    if pairs.empty:
+        return [""] * len(summ)
+    student = {r: c.assign(flops=c["student_flops"]) if "student_flops" in c else c for r, c in curves.items()}
+    eff, ems = effective_table(pairs, student, n_params=_nonembed_params(records, df["run"]), fit_boot=fit_boot, ema=ema)
+    if eff.empty:
+        return [""] * len(summ)
+    done = (eff["xatl_state"] == "done").to_numpy()
+    if not done.any():
+        return [""] * len(summ)
+    agg = aggregate_effective(eff[done].reset_index(drop=True), [m for m, d in zip(ems, done) if d], SUMMARY_KEYS,
+                              n_boot=n_boot)  # fmt: skip
+    keys = [k for k in SUMMARY_KEYS if k in agg and k in summ]
+    phrase = {_norm_key(tuple(r[k] for k in keys)): effective_summary_phrase(r) for _, r in agg.iterrows()}
+    return [phrase.get(_norm_key(tuple(r[k] for k in keys)), "") for _, r in summ.iterrows()]
+
+
 def _source_runs(df: pd.DataFrame, sweep_dir: Path) -> set[str]:
     """Runs that are sources: planned with role ``source``, or whose ``hf/`` export an XATL
     run transfers from."""
@@ -249,10 +271,15 @@ def _effective_section(eff: pd.DataFrame, summ: pd.DataFrame, trend: pd.DataFram
     if summ.empty:
         return md + ["_No XATL run with a validation curve has a scratch baseline with one yet._", ""]
     view = summ.assign(arch=[variant_label(r) for _, r in summ.iterrows()])
+    teacher = "effective_excl_teacher" in view and (view["effective_excl_teacher"].astype(str) != "").any()
     md.append(md_table(view.rename(columns={"effective": "effective-compute multiplier",
-                                            "effective_incl_source": "incl. source", "n_params": "non-embedding params"}),
+                                            "effective_incl_source": "incl. source", "n_params": "non-embedding params",
+                                            "effective_excl_teacher": "excl. teacher"}),
                        ["size", "arch", "non-embedding params", "n_seeds", "effective-compute multiplier",
-                        "incl. source"], floatfmt="{:.3g}"))  # fmt: skip
+                        "incl. source", *(["excl. teacher"] if teacher else [])], floatfmt="{:.3g}"))  # fmt: skip
+    if teacher:
+        md += ["", "Distilled runs: the multiplier counts the teacher's forward FLOPs on the XATL side (they were "
+               "spent); *excl. teacher* leaves them out (the student's FLOPs alone).", ""]
     md += ["", "Per pairing:", ""]
     md.append(md_table(eff, ["xatl_run", "xatl_state", "scratch_run", "seed", "budget", "xatl_loss", "scratch_flops",
                              "method", "effective", "effective_incl_source"]))  # fmt: skip
@@ -364,6 +391,8 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *,
         summ["effective"] = [effective_summary_phrase(r) for _, r in summ.iterrows()]
         summ["effective_incl_source"] = [effective_summary_phrase(r, "effective_incl_source")
                                          for _, r in summ.iterrows()]  # fmt: skip
+    if not summ.empty:
+        summ["effective_excl_teacher"] = _excl_teacher(df, sav, curves, records, summ, fit_boot, ema, n_boot)
     summ.to_csv(out / "effective_summary.csv", index=False)
     trend, trends, no_trend = trend_table(eff_done, TREND_KEYS, targets=_pythia_targets(), n_boot=n_boot)
     if not summ.empty and (not trend.empty or trends):
@@ -398,6 +427,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *,
     f3 = plot_savings_curves(scurves, figs / "savings_vs_target_loss.png")
     f4 = plot_benchmark_deltas(deltas, figs / "benchmark_deltas.png")
     f5 = plot_effective_vs_size(trend, figs / "effective_vs_size.png")
+    f6 = plot_loss_vs_tokens(df, curves, figs / "loss_vs_tokens.png", sources=sources) if not df.empty else None
 
     tasks = list(eval_tasks) if eval_tasks is not None else sorted(
         {c.split("/")[1] for c in df.columns if c.startswith("eval/")} if not df.empty else set())  # fmt: skip
@@ -454,9 +484,12 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *,
                "Each XATL or distilled run beside its teacher (its source, or `distill.teacher`): the teacher's "
                "validation loss on the same batches, the gap to it, and the share of the teacher's accuracy "
                "retained on each local task (when the teacher is a run of this sweep and was evaluated).", ""]  # fmt: skip
-        md.append(md_table(taught, ["run", "teacher_run", "flops", "final_val_loss", "teacher_val_loss",
-                                    "gap_to_teacher", *kept]))  # fmt: skip
-        md.append("")
+        md.append(md_table(taught, ["run", "recipe", "teacher_run", "tokens", "flops", "teacher_share", "final_val_loss",
+                                    "teacher_val_loss", "gap_to_teacher", *kept]))  # fmt: skip
+        md += ["", "`flops`: all the compute spent, the teacher's forward passes included; `teacher_share`: their "
+               "part of it.", ""]
+        if f6 is not None:
+            md += [f"![validation loss vs tokens, the teacher as a line](figures/{f6.name})", ""]
     md += ["## Runs", ""]
     md.append(md_table(df, ["run", "state", "size", "mixer", "attention_layers", "init_kind", "freeze_policy", "seed",
                             "steps", "flops", "final_val_loss", "best_val_loss", "n_unfreeze", "first_unfreeze_step",

@@ -23,7 +23,7 @@ import yaml
 from xatl_ds.rundir import RunDir, iter_run_dirs
 
 __all__ = ["RunRecord", "find_runs", "load_run", "load_runs", "plan_records", "results_table", "size_label",
-           "EVAL_PREFIX"]  # fmt: skip
+           "recipe_label", "EVAL_PREFIX"]  # fmt: skip
 
 EVAL_PREFIX = "eval/"
 _SKIP_DIRS = ("figures", "tasks", "__pycache__", "logs", "configs")
@@ -42,12 +42,19 @@ class RunRecord:
 
     @property
     def val_curve(self) -> pd.DataFrame:
-        """Rows with a validation loss: step, tokens, flops, wall_time, val_loss."""
+        """Rows with a validation loss: step, tokens, flops, student_flops, wall_time, val_loss.
+        ``flops`` is all the compute spent, a distillation teacher's forward passes included;
+        ``student_flops`` the student's alone (equal without a teacher)."""
         m = self.metrics
         if m.empty or "val_loss" not in m:
-            return pd.DataFrame(columns=["step", "tokens", "flops", "wall_time", "val_loss"])
-        cols = [c for c in ("step", "tokens", "flops", "wall_time", "val_loss") if c in m]
-        return m.loc[m["val_loss"].notna(), cols].reset_index(drop=True)
+            return pd.DataFrame(columns=["step", "tokens", "flops", "student_flops", "wall_time", "val_loss"])
+        cols = [c for c in ("step", "tokens", "flops", "teacher_flops", "wall_time", "val_loss") if c in m]
+        c = m.loc[m["val_loss"].notna(), cols].reset_index(drop=True)
+        if "flops" in c:
+            c.insert(c.columns.get_loc("flops") + 1, "student_flops", c["flops"])
+            if "teacher_flops" in c:
+                c["flops"] = c["student_flops"] + c.pop("teacher_flops").fillna(0.0)
+        return c
 
     @property
     def unfreeze_events(self) -> list[dict]:
@@ -197,6 +204,26 @@ def _last(m: pd.DataFrame, col: str) -> float:
     return float(m[col].dropna().iloc[-1]) if not m.empty and col in m and m[col].notna().any() else math.nan
 
 
+def recipe_label(config: dict, init_kind: str | None) -> str:
+    """The conversion recipe in one token: how the new mixers start (``random``, ``zero_out``,
+    ``attention``; ``scratch`` for a scratch run), then ``+align`` for an alignment stage and
+    ``+kl`` for distillation (``+distill`` when its KL weights are 0: cross-entropy alone)."""
+    init, distill = config.get("init") or {}, config.get("distill") or {}
+    parts = [str(init.get("mixer") or "random") if init_kind == "xatl" else "scratch"]
+    if (config.get("align") or {}).get("enabled"):
+        parts.append("align")
+    if distill.get("enabled"):
+        parts.append("kl" if (distill.get("kl_weight", 1.0) or distill.get("reverse_kl_weight")) else "distill")
+    return "+".join(parts)
+
+
+def _flops(meta: dict, m: pd.DataFrame) -> tuple[float, float]:
+    """``(student, teacher)`` FLOPs a run spent (teacher: a distillation teacher's forward passes)."""
+    student = float(meta.get("flops", _last(m, "flops")))
+    teacher = meta.get("teacher_flops", _last(m, "teacher_flops"))
+    return student, float(teacher) if teacher is not None and math.isfinite(float(teacher)) else 0.0
+
+
 def _row(rec: RunRecord, root: Path) -> dict:
     c, meta, m = rec.config, rec.meta, rec.metrics
     model, init, fr = c.get("model") or {}, c.get("init") or {}, c.get("freeze") or {}
@@ -206,6 +233,7 @@ def _row(rec: RunRecord, root: Path) -> dict:
     size = size_label(n_layers, d_model, model.get("size"))
     curve = rec.val_curve
     events = rec.unfreeze_events
+    student, teacher = _flops(meta, m)
     tr = meta.get("transfer") or {}
     try:
         rel = str(rec.run_dir.relative_to(root))
@@ -228,7 +256,9 @@ def _row(rec: RunRecord, root: Path) -> dict:
         "budget": float(next(iter(budget.values()))) if budget else math.nan,
         "lr": (c.get("optim") or {}).get("lr"),
         "steps": meta.get("steps", _last(m, "step")), "tokens": meta.get("tokens", _last(m, "tokens")),
-        "flops": meta.get("flops", _last(m, "flops")), "wall_time": meta.get("wall_time", _last(m, "wall_time")),
+        "flops": student + teacher, "student_flops": student, "teacher_flops": teacher,
+        "teacher_share": teacher / (student + teacher) if student + teacher > 0 else math.nan,
+        "recipe": recipe_label(c, kind), "wall_time": meta.get("wall_time", _last(m, "wall_time")),
         "final_val_loss": float(curve["val_loss"].iloc[-1]) if len(curve) else math.nan,
         "best_val_loss": float(curve["val_loss"].min()) if len(curve) else math.nan,
         "best_val_flops": float(curve.loc[curve["val_loss"].idxmin(), "flops"]) if len(curve) and "flops" in curve else math.nan,

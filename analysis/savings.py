@@ -42,7 +42,7 @@ PAIR_KEYS = ("size", "mixer", "attention_layers", "seed")
 #: what unrecorded runs must share to be paired (a partial XATL run's family is not known yet)
 _FALLBACK_KEYS = PAIR_KEYS
 #: columns that tell XATL variants of one key apart (several may share one scratch run)
-VARIANT_KEYS = ("components", "freeze_policy", "unfreeze_order", "lit_threshold", "lit_patience", "lit_window",
+VARIANT_KEYS = ("recipe", "components", "freeze_policy", "unfreeze_order", "lit_threshold", "lit_patience", "lit_window",
                 "rewarmup_steps", "source")  # fmt: skip
 AXES = ("flops", "tokens", "wall_time")
 

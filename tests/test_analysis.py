@@ -444,4 +444,38 @@ def test_teacher_recovery_columns(tmp_path):
     assert df.at["xatl_s0", "retained/xatl_nextsent/acc"] == pytest.approx(0.75)
     assert math.isnan(df.at["source", "retained/xatl_nextsent/acc"]), "a run without a teacher retains nothing"
     md = write_report(tmp_path).read_text()
-    assert "## Teacher recovery" in md and "| xatl_s0 | source |" in md and "0.75" in md
+    assert "## Teacher recovery" in md and "| xatl_s0 | random | source |" in md and "0.75" in md
+
+
+def test_distilled_runs_count_the_teacher_and_show_the_student_alone(tmp_path):
+    """A distilled XATL run whose teacher forward passes cost half its student FLOPs: its
+    curve and table FLOPs are the total (teacher included), its recipe is named, and the
+    report gives the multiplier both ways: m on all FLOPs, 1.5 m on the student's alone."""
+    m = 2.0
+    budget = 1e12
+    cs = np.linspace(0, 8 * budget, 41)[1:]
+    write_run(tmp_path, "scratch-s0", kind="scratch", seed=0, flops=cs, loss=_scratch_loss(cs, np.random.default_rng(0), 0),
+              mixer="mamba", size="mini", dims=(4, 64))  # fmt: skip
+    student = np.linspace(0, budget / 1.5, 21)[1:]
+    total = 1.5 * student
+    d = write_run(tmp_path, "kl-s0", kind="xatl", seed=0, flops=student, loss=E_ + A_ * (m * total) ** -ALPHA_,
+                  mixer="mamba", size="mini", dims=(4, 64), source="hub/teacher", freeze_policy="none")  # fmt: skip
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    (d / "metrics.jsonl").write_text("".join(json.dumps({**r, "teacher_flops": 0.5 * r["flops"]}) + "\n" for r in rows))
+    cfg = yaml.safe_load((d / "config.yaml").read_text())
+    cfg["init"]["mixer"] = "attention"
+    cfg["distill"] = {"enabled": True, "kl_weight": 1.0}
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    meta = json.loads((d / "meta.json").read_text())
+    (d / "meta.json").write_text(json.dumps({**meta, "config": cfg, "teacher_flops": 0.5 * student[-1]}))
+    df = results_table(tmp_path).set_index("name")
+    assert df.at["kl-s0", "recipe"] == "attention+kl" and df.at["scratch-s0", "recipe"] == "scratch"
+    assert df.at["kl-s0", "flops"] == pytest.approx(total[-1]) and df.at["kl-s0", "student_flops"] == pytest.approx(student[-1])
+    assert df.at["kl-s0", "teacher_share"] == pytest.approx(1 / 3)
+    write_report(tmp_path, n_boot=200, fit_boot=20)
+    summ = pd.read_csv(tmp_path / "effective_summary.csv")
+    (row,) = summ[summ["recipe"] == "attention+kl"].to_dict("records")
+    assert row["effective_mean"] == pytest.approx(m, rel=0.02)
+    assert row["effective_excl_teacher"].startswith(f"{1.5 * m:.2f}x") or \
+        float(row["effective_excl_teacher"].split("x")[0]) == pytest.approx(1.5 * m, rel=0.02)
+    assert (tmp_path / "figures" / "loss_vs_tokens.png").is_file()
