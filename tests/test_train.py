@@ -35,6 +35,8 @@ def run_deepspeed(cfg: Path, ranks: int = 2, timeout: int = 420) -> subprocess.C
     cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", port, "--module", "xatl_ds.train", "--config", str(cfg)]
     r = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, f"DeepSpeed's shm workspace outlived the run: {left}"  # ~67 MB of RAM per rank and launch
     return r
 
 

@@ -54,6 +54,26 @@ def _setup_threads() -> None:
         torch.set_num_threads(n)
 
 
+SHM_DIR = Path("/dev/shm")
+
+
+def release_shm_workspace(rank: int) -> None:
+    """Unlink this rank's name of DeepSpeed's CPU allreduce workspace.
+
+    DeepSpeed's CPU backend maps a ~67 MB shared-memory segment per rank,
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``, and never unlinks it:
+    with a free port per launch every run would leave its segments behind, and a sweep fills
+    /dev/shm (which is RAM). Once every rank has mapped every segment (the barrier: DeepSpeed's
+    init returns only after its rank opened all of them) the names can go; the mappings live on
+    until the processes exit, however they exit."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port or not SHM_DIR.is_dir():
+        return
+    torch.distributed.barrier()
+    for p in SHM_DIR.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"):
+        p.unlink(missing_ok=True)
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """Start torch.distributed through DeepSpeed (gloo on CPU, NCCL on CUDA)."""
     import deepspeed
@@ -67,6 +87,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if not cuda:
+        release_shm_workspace(rank)
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
