@@ -52,6 +52,16 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _loss_axes(ax, xlabel: str, title: str) -> None:
+    """A validation-loss panel: log x, labels, legend, grid."""
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation loss")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+
 def _size_order(df: pd.DataFrame) -> list[str]:
     if df.empty:
         return []
@@ -109,12 +119,7 @@ def plot_loss_vs_flops(df: pd.DataFrame, curves: Mapping[str, pd.DataFrame], eve
                 y = float(np.interp(f, c["flops"], c["val_loss"])) if f > 0 else float(c["val_loss"].iloc[0])
                 ax.axvline(f, color=line.get_color(), alpha=0.25, lw=1)
                 ax.plot([f], [y], "o", color=line.get_color(), mfc="none", ms=8)
-        ax.set_xscale("log")
-        ax.set_xlabel("training FLOPs")
-        ax.set_ylabel("validation loss")
-        ax.set_title(f"{size} (o = unfreeze, dotted = source)")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
+        _loss_axes(ax, "training FLOPs", f"{size} (o = unfreeze, dotted = source)")
     return _save(fig, path)
 
 
@@ -150,12 +155,7 @@ def plot_loss_vs_tokens(df: pd.DataFrame, curves: Mapping[str, pd.DataFrame], pa
         teacher = teacher[np.isfinite(teacher)]
         if len(teacher):
             ax.axhline(float(teacher.mean()), color="k", lw=1.2, label=f"teacher {teacher.mean():.3f}")
-        ax.set_xscale("log")
-        ax.set_xlabel("training tokens")
-        ax.set_ylabel("validation loss")
-        ax.set_title(f"{size}: mean over seeds (faint: each seed)")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
+        _loss_axes(ax, "training tokens", f"{size}: mean over seeds (faint: each seed)")
     return _save(fig, path)
 
 
