@@ -142,7 +142,8 @@ def plot_loss_vs_tokens(df: pd.DataFrame, curves: Mapping[str, pd.DataFrame], pa
     for ax, size in zip(axes[0], sizes):
         here = rows[rows["size"] == size]
         for g in sorted({labels[r] for r in here["run"]}):
-            cs = [curves[r] for r in here["run"] if labels[r] == g and r in curves and len(curves[r])]
+            cs = [curves[r] for r in here["run"]
+                  if labels[r] == g and r in curves and len(curves[r]) and "tokens" in curves[r]]
             if not cs:
                 continue
             for c in cs:
