@@ -90,11 +90,13 @@ def _evaluate_all(runs: list, data_dir: Path, limit: int | None, workers: int):
 
 
 def _labels(rows: list[dict]) -> list[str]:
-    """Architecture labels, with the size and the freeze policy only where they tell rows apart."""
+    """Architecture labels with the recipe (unless the paper's random mixers), and the size and
+    the freeze policy only where they tell rows apart."""
     from analysis.report import arch_label
 
     sizes = {r.get("size") for r in rows}
-    base = [(f"{r.get('size')} " if len(sizes) > 1 else "") + arch_label(r) for r in rows]
+    recipe = [f" {r['recipe']}" if r.get("recipe") not in (None, "", "random", "scratch") else "" for r in rows]
+    base = [(f"{r.get('size')} " if len(sizes) > 1 else "") + arch_label(r) + x for r, x in zip(rows, recipe)]
     return [b + (f" ({r.get('freeze_policy')})" if base.count(b) > 1 else "") for b, r in zip(base, rows)]
 
 
