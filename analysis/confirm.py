@@ -74,7 +74,7 @@ def summarize(runs: pd.DataFrame, best: str = "best", aliases: Mapping[str, str]
 
 
 def confirm_markdown(summary: Mapping[str, Any], title: str, notes: Sequence[str] = ()) -> str:
-    lines = [f"# {title}", ""] + [*notes, ""] if notes else [f"# {title}", ""]
+    lines = [f"# {title}", ""] + ([*notes, ""] if notes else [])
     lines += ["## Final validation loss on the confirmation seeds", "",
               "| setting | runs | mean | 95% interval | value in the study (trial seed) |", "|---|---|---|---|---|"]  # fmt: skip
     for name, s in summary["settings"].items():

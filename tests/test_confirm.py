@@ -148,3 +148,19 @@ def test_ladder_study_reference_is_the_ladder_run(size):
     cfg = load_run_config(trial_config(spec, params_to_values(spec, spec.references["paper"]), 0))
     assert cfg.content_hash() == ladder[f"{size}-mamba-xatl-lit-s0"].id
     assert len(spec.confirm_seeds) == 3 and spec.n_trials >= 20
+
+
+def test_workers_option_runs_local_child_workers(tmp_path):
+    """``xatl-ds tune FILE --workers 2``: one worker in the command, one child process; both
+    take trials of the one study, and the command returns once the study is complete."""
+    import yaml
+
+    from xatl_ds.cli import main
+
+    d = with_refs(tmp_path, delay=1.0)  # ~6 s a trial: the child is up (imports) long before the study ends
+    f = tmp_path / "study.yaml"
+    f.write_text(yaml.safe_dump(d))
+    assert main(["tune", str(f), "--workers", "2", "--worker-id", "w"]) == 0
+    ts = [t for t in trials(d) if t.state.name == "COMPLETE"]
+    assert len(ts) == 4 and {t.user_attrs["worker"] for t in ts} == {"w", "w-1"}
+    assert main(["tune", str(f), "--workers", "0"]) == 2

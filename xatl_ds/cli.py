@@ -323,7 +323,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
         wid = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
         if args.workers > 1:
-            open_study(spec)  # create the study (and its sqlite file) before several processes race to
+            open_study(spec)  # create the study (and its sqlite file) once, before the workers start
         children = [Launch(_tune_child_argv(args, f"{wid}-{k}")).start() for k in range(1, args.workers)]
         Worker(spec, _launch_options(args), worker_id=wid).run(args.n_trials)
         rcs = [c.wait() for c in children]

@@ -87,13 +87,12 @@ def init_distributed() -> tuple[int, int, torch.device]:
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if not cuda:
-        release_shm_workspace(rank)
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     else:
+        release_shm_workspace(rank)
         device = torch.device("cpu")
     return rank, world, device
 
