@@ -25,6 +25,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # DeepSpeed (imported by transformers' save path) prints its accelerator choice to stdout unless told
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not os.path.exists("/dev/nvidia0") else "cuda")
+# Without a GPU the Triton kernels (xatl_ds.models.gpu) run under Triton's CPU interpreter;
+# it must be switched on before anything imports triton.
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -68,8 +68,9 @@ class ModelSection:
     chunk_size: int = 64
     """Chunk length of the chunked SSD / chunkwise retention forms."""
     kernels: str = "auto"
-    """``auto``: CUDA kernels (mamba-ssm, causal-conv1d) when on GPU and installed; ``torch``:
-    never; ``cuda``: require them."""
+    """``auto``: the Triton kernels on GPU (nothing to compile), the CPU paths on CPU;
+    ``triton``: require the Triton kernels; ``cuda``: mamba-ssm / causal-conv1d's compiled CUDA
+    extensions for the Mamba mixers (Triton elsewhere); ``torch``: the pure-torch paths."""
 
 
 @dataclass
@@ -545,14 +546,17 @@ def _check_distill_align(cfg: "RunConfig") -> None:
 
 
 def _check_machine(cfg: "RunConfig") -> None:
-    """What this machine cannot run (only ``model.kernels: cuda`` so far)."""
-    if cfg.model.kernels == "cuda":
+    """What this machine cannot run (``model.kernels: cuda`` / ``triton`` without CUDA)."""
+    if cfg.model.kernels in ("cuda", "triton"):
+        import os
+
         import torch  # only here: everything else in this module runs without torch
 
-        if not torch.cuda.is_available():
+        interp = cfg.model.kernels == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+        if not torch.cuda.is_available() and not interp:
             raise ConfigError(
-                "model.kernels='cuda' needs CUDA, but torch.cuda.is_available() is False on this "
-                "machine; use kernels: auto (CUDA kernels where available) or torch"
+                f"model.kernels='{cfg.model.kernels}' needs CUDA, but torch.cuda.is_available() is False on this "
+                "machine; use kernels: auto (GPU kernels where available) or torch"
             )
 
 

@@ -15,7 +15,7 @@ from ..families import check_target_options, source_config_kwargs  # dependency-
 
 FAMILIES = ("neox", "llama")
 MIXERS = ("attention", "retnet", "mamba", "mamba2")
-KERNEL_MODES = ("auto", "torch", "cuda")
+KERNEL_MODES = ("auto", "triton", "torch", "cuda")
 
 
 def resolve_attention_layers(spec: Any, n_layers: int) -> list[int]:
