@@ -17,12 +17,17 @@ EMU_STAMP := $(VENV)/.kernel-emulation
 EMU_PINS := triton==3.8.0 einops==0.8.2
 EMU_SOURCES := mamba-ssm==2.3.2.post1 causal-conv1d==1.7.0
 
-# What a lent GPU machine (no network, its own torch/triton) lacks, for benchmarks/gpu_session.sh:
-# the kernel sources, built there for its GPU alone, and wheels for its Python (3.12).
+# What a lent GPU machine (no network; its own CUDA torch 2.11, Triton 3.6, Python 3.12) lacks for
+# benchmarks/gpu_session.sh: wheels for its Python, nothing to compile there. DeepSpeed has no
+# wheel on the registry, so one is built here (DS_BUILD_OPS=0: pure Python, its ops JIT-build on
+# first use and the GPU path needs none); pydantic/hjson are its needs; transformers (the image's
+# 5.17 is older than ours) with typing_extensions for pydantic.
 GPU_DIR := .gpu
-GPU_WHEELS := transformers==5.24.0 regex==2026.11.19
+GPU_WHEELS := transformers==5.24.0 hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
+	typing-inspection==0.4.5 typing_extensions==4.16.0
 GPU_PLATFORMS := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
 	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+DEEPSPEED_PIN := $(shell grep -i '^deepspeed==' constraints.txt)
 
 .PHONY: venv emulation-deps gpu-bundle test quickstart study study-optuna bench clean lock
 
@@ -43,11 +48,10 @@ $(EMU_STAMP): $(STAMP) Makefile
 emulation-deps: $(EMU_STAMP)
 
 gpu-bundle: $(STAMP)
-	rm -rf $(GPU_DIR) && mkdir -p $(GPU_DIR)/wheels $(GPU_DIR)/sdists
+	rm -rf $(GPU_DIR) && mkdir -p $(GPU_DIR)/wheels
 	$(PY) -m pip download -q --no-deps --only-binary=:all: $(GPU_PLATFORMS) -d $(GPU_DIR)/wheels $(GPU_WHEELS)
-	MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE $(PY) -m pip download -q --no-deps \
-	  --no-binary=:all: --no-build-isolation -d $(GPU_DIR)/sdists $(EMU_SOURCES)
-	du -sh $(GPU_DIR)
+	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(GPU_DIR)/wheels $(DEEPSPEED_PIN)
+	@du -sh $(GPU_DIR); test $$(du -sm $(GPU_DIR) | cut -f1) -lt 60 || { echo "gpu-bundle: over the 64 MiB carry limit" >&2; exit 1; }
 
 test: $(STAMP) $(EMU_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
