@@ -10,6 +10,14 @@ from .configuration import XatlConfig
 from .layers import apply_rotary
 
 
+# SDPA's enable_gqa (torch >= 2.5)
+_SDPA_GQA = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+def _repeat_kv(k: torch.Tensor, v: torch.Tensor, rep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+
+
 class AttentionMixer(Mixer):
     out_proj_name = "o_proj"
 
@@ -39,14 +47,18 @@ class AttentionMixer(Mixer):
                 k = torch.cat([state["k"], k], dim=2)
                 v = torch.cat([state["v"], v], dim=2)
             state["k"], state["v"] = k, v
-        if self.n_kv != self.n_heads:
-            rep = self.n_heads // self.n_kv
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        if past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=L > 1)
-        elif L == 1:
-            y = F.scaled_dot_product_attention(q, k, v)
+        gqa = self.n_kv != self.n_heads
+        # SDPA's flash kernel (CUDA, half precision, no mask) reads grouped KV heads as they
+        # are (enable_gqa): no repeated K/V copies, nor saved for backward. Elsewhere the
+        # backend SDPA would pick (mem-efficient) rejects enable_gqa and the math one would run:
+        # repeat the heads there.
+        native_gqa = (gqa and _SDPA_GQA and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+                      and (past == 0 or L == 1))  # fmt: skip
+        if gqa and not native_gqa:
+            k, v = _repeat_kv(k, v, self.n_heads // self.n_kv)
+        extra = {"enable_gqa": True} if native_gqa else {}
+        if past == 0 or L == 1:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=past == 0 and L > 1, **extra)
         else:  # a chunk after a non-empty cache: causal with an offset
             S = k.shape[2]
             mask = torch.ones(L, S, dtype=torch.bool, device=x.device).tril(diagonal=past)

@@ -5,8 +5,10 @@
   ``torch.utils.cpp_extension.load`` on first use and wrapped in autograd Functions whose
   backward recomputes the states per channel. If it cannot be built (no compiler), a torch
   autograd Function with a hand-written reverse scan takes over (``impl="torch"``).
-* CUDA: mamba-ssm's ``selective_scan_fn`` and causal-conv1d's ``causal_conv1d_fn`` when
-  ``use_kernels(config.kernels, ...)`` says so (imported lazily).
+* Triton (``xatl_ds.models.gpu.selective_scan``, imported lazily): the default on CUDA
+  tensors (``select_path``, :mod:`xatl_ds.models.kernels`).
+* CUDA: mamba-ssm's ``selective_scan_fn`` and causal-conv1d's ``causal_conv1d_fn`` under
+  ``kernels="cuda"`` (imported lazily).
 
 Layout: the torch/CPU functions here are channel-last, ``u, delta, z: (batch, length,
 d_inner)``, ``B, C: (batch, length, d_state)``, ``A: (d_inner, d_state)`` -- unlike mamba-ssm's
@@ -33,7 +35,7 @@ from torch import nn
 
 from .base import Mixer
 from .configuration import XatlConfig
-from .kernels import use_kernels
+from .kernels import available, select_path
 
 __all__ = [
     "MambaMixer",
@@ -495,7 +497,9 @@ class MambaMixer(Mixer):
         parallel pass that stores ``conv``/``ssm``; filled -> token-by-token steps."""
         if state:
             return torch.cat([self.step(x[:, t : t + 1], state) for t in range(x.shape[1])], dim=1)
-        if use_kernels(self.kernels, x, "mamba_ssm", "the Mamba mixer"):
+        path = select_path(self.kernels, x, "the Mamba mixer", cuda_module="mamba_ssm")
+        self.last_path = path
+        if path == "cuda":
             xz = self.in_proj(x)
             xs = xz[..., : self.d_inner]
             y, last = self._scan_cuda(xz, want_state=state is not None)
@@ -505,7 +509,8 @@ class MambaMixer(Mixer):
             w, bias = self.in_proj.weight, self.in_proj.bias
             xs = F.linear(x, w[: self.d_inner], None if bias is None else bias[: self.d_inner])
             z = F.linear(x, w[self.d_inner :], None if bias is None else bias[self.d_inner :])
-            y, last = self._scan_cpu(xs, z, want_state=state is not None)
+            scan = self._scan_triton if path == "triton" else self._scan_cpu
+            y, last = scan(xs, z, want_state=state is not None)
         if state is not None:  # generation state is never backpropagated through
             state["conv"] = self._conv_state(xs.detach())
             state["ssm"] = last.detach()
@@ -528,6 +533,21 @@ class MambaMixer(Mixer):
         )  # fmt: skip
         return y, (last if want_state else None)
 
+    def _scan_triton(self, xs: torch.Tensor, z: torch.Tensor, want_state: bool):
+        """Channel-last Triton scan (xatl_ds.models.gpu, imported here so the package imports
+        without triton). The conv is the channel-last torch one of Mamba-2 for now."""
+        from .gpu.selective_scan import selective_scan_triton
+        from .mamba2 import causal_conv1d_silu as conv_silu
+
+        u = conv_silu(xs, self.conv1d.weight.squeeze(1), self.conv1d.bias)
+        dt, B, C = self._ssm_inputs(u)
+        A = -torch.exp(self.A_log.float())
+        y, last = selective_scan_triton(
+            u, dt, A, B, C, self.D.float(), z, self.dt_proj.bias.float(),
+            delta_softplus=True, return_last_state=True,
+        )  # fmt: skip
+        return y, (last if want_state else None)
+
     def _scan_cuda(self, xz: torch.Tensor, want_state: bool):
         """mamba-ssm / causal-conv1d kernels, which take (batch, channels, length)."""
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -535,7 +555,7 @@ class MambaMixer(Mixer):
         xzt = xz.transpose(1, 2)
         xs, z = xzt[:, : self.d_inner], xzt[:, self.d_inner :]
         weight = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
-        if use_kernels("auto", xz, "causal_conv1d", "the Mamba conv"):  # optional, as in mamba-ssm
+        if available("causal_conv1d"):  # optional, as in mamba-ssm
             from causal_conv1d import causal_conv1d_fn
 
             u = causal_conv1d_fn(xs.contiguous(), weight, self.conv1d.bias, activation="silu")

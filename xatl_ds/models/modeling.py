@@ -139,8 +139,14 @@ class XatlForCausalLM(XatlPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        return_logits: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """``return_logits``: None (default) returns the logits unless the fused loss runs (with
+        ``labels``, in training mode, gradients on, on the Triton path: then ``logits`` is None
+        and the (tokens x vocab) logits never exist whole); True always returns them (and
+        computes the loss from them); False never returns them and takes the fused loss
+        whenever the Triton path is selected (eval included)."""
         _check_right_padding(attention_mask)
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         cache = cache if isinstance(cache, XatlCache) else None
@@ -149,15 +155,42 @@ class XatlForCausalLM(XatlPreTrainedModel, GenerationMixin):
         h = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache, position_ids=position_ids)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
+        self.last_loss_path = None
+        if labels is not None and self._fused_loss_ok(h, logits_to_keep, return_logits):
+            # the next-token shift as labels, the last position ignored: h stays contiguous,
+            # and the count of counted tokens (the mean's denominator) is unchanged
+            from .gpu.cross_entropy import fused_linear_cross_entropy
+
+            shifted = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+            loss = fused_linear_cross_entropy(h, self.lm_head.weight, shifted, ignore_index=-100)
+            self.last_loss_path = "triton"
+            return CausalLMOutputWithPast(loss=loss, logits=None, cache=cache)
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
+            self.last_loss_path = "torch"
             loss = nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                 labels[:, 1:].reshape(-1),
                 ignore_index=-100,
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=None if return_logits is False else logits, cache=cache)
+
+    def _fused_loss_ok(self, h: torch.Tensor, logits_to_keep: int, return_logits: bool | None) -> bool:
+        """Whether the loss may skip the logits (see ``forward``'s ``return_logits``)."""
+        if return_logits or logits_to_keep:
+            return False
+        if return_logits is None and not (self.training and torch.is_grad_enabled()):
+            return False
+        # ZeRO-3 gathers lm_head's partitioned weight only inside lm_head's own forward. fp16:
+        # the gradients are made before the loss scale is applied and would underflow.
+        if hasattr(self.lm_head.weight, "ds_id") or getattr(self.lm_head, "bias", None) is not None:
+            return False
+        if h.dtype == torch.float16:
+            return False
+        from .kernels import select_path
+
+        return select_path(self.config.kernels, h, "the fused cross-entropy") == "triton"
 
     def prepare_inputs_for_generation(
         self, input_ids, cache=None, attention_mask=None, inputs_embeds=None, use_cache=True, **kwargs
