@@ -24,7 +24,7 @@ from torch import nn
 
 from .base import Mixer
 from .configuration import XatlConfig
-from .kernels import use_kernels
+from .kernels import available, select_path
 
 __all__ = ["Mamba2Mixer", "GatedRMSNorm", "causal_conv1d_silu", "ssd_ref", "ssd_chunked"]
 
@@ -422,12 +422,9 @@ class Mamba2Mixer(Mixer):
         if state is not None:
             state["conv"] = self._last_conv_inputs(xBC, prev_conv)
 
-        use_ssd_kernel = use_kernels(self.kernels, x, "mamba_ssm", "the Mamba-2 SSD scan")
-        if (
-            use_ssd_kernel
-            and prev_conv is None
-            and use_kernels(self.kernels, x, "causal_conv1d", "the Mamba-2 causal conv1d")
-        ):
+        path = select_path(self.kernels, x, "the Mamba-2 SSD scan", cuda_module="mamba_ssm")
+        self.last_path = path
+        if path == "cuda" and prev_conv is None and available("causal_conv1d"):
             xBC = self._conv_cuda(xBC)
         else:
             xBC = causal_conv1d_silu(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, prev_conv)
@@ -437,8 +434,10 @@ class Mamba2Mixer(Mixer):
         Cm = Cm.reshape(b, l, self.ngroups, self.d_state)
         acc = _acc_dtype(x)
         A = -torch.exp(self.A_log.to(acc))
-        if use_ssd_kernel:
+        if path == "cuda":
             y, final = self._scan_cuda(xs, dt, A, Bm, Cm, prev_ssm, want_final=state is not None)
+        elif path == "triton":
+            y, final = self._scan_triton(xs, dt, A, Bm, Cm, prev_ssm, want_final=state is not None)
         else:
             dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))
             y, final = ssd_chunked(xs, dt, A, Bm, Cm, self.chunk_size, D=self.D, initial_state=prev_ssm)
@@ -478,6 +477,31 @@ class Mamba2Mixer(Mixer):
         y = torch.einsum("bhpn,bhn->bhp", s, Ch) + self.D.to(acc)[:, None] * xs
         y = self.norm(y.reshape(b, 1, self.d_inner).to(x.dtype), z[:, None])
         return self.out_proj(y)
+
+    # -- Triton kernel (xatl_ds.models.gpu), imported lazily ----------------------------
+    def _scan_triton(
+        self,
+        xs: torch.Tensor,
+        dt: torch.Tensor,
+        A: torch.Tensor,
+        Bm: torch.Tensor,
+        Cm: torch.Tensor,
+        initial_state: torch.Tensor | None,
+        want_final: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """SSD as scalar-decay linear attention: q = C, k = B (a group's heads read its B/C
+        in place), v = dt * x, log decay dt * A, scale 1; the D skip added here. dt raw
+        (b, l, nheads); the rest and the results as for :func:`ssd_chunked`."""
+        from .gpu.chunk_scan import chunk_scan
+
+        acc = _acc_dtype(xs)
+        dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))  # (b, l, h) fp32
+        v = (dt[..., None] * xs).to(xs.dtype)  # the kernel takes q, k, v in one dtype
+        # the state is (b, h, headdim, d_state) here and (b, h, K = d_state, V = headdim) there
+        s0 = initial_state.transpose(-1, -2) if initial_state is not None else None
+        y, final = chunk_scan(Cm, Bm, v, dt * A, 1.0, initial_state=s0, output_final_state=want_final)
+        y = (y.to(acc) + self.D.to(acc)[:, None] * xs.to(acc)).to(xs.dtype)
+        return y, (final.transpose(-1, -2) if final is not None else None)
 
     # -- CUDA kernels (mamba-ssm, causal-conv1d), imported lazily ------------------------
     def _conv_cuda(self, xBC: torch.Tensor) -> torch.Tensor:

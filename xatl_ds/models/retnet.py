@@ -44,6 +44,7 @@ from torch import nn
 
 from .base import Mixer
 from .configuration import XatlConfig
+from .kernels import select_path
 from .layers import apply_rotary
 
 __all__ = [
@@ -266,6 +267,38 @@ def retention_recurrent(
     return _normalise(num, rowsum, inv_c), S, z
 
 
+def _retention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    offset: int,
+    S0: torch.Tensor | None,
+    z0: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`retention_chunkwise` (with states) by the Triton chunked scan: the numerator
+    ``q S`` and the row sum ``q . z`` come from one kernel pass (log decay ``log gamma`` per
+    head), the two normalisations follow here. ``q``, ``k``, ``v`` (B, H, L, d), read in place
+    through their strides; returns ``(out (B, H, L, dv), S, z)`` with the states in q's dtype."""
+    from .gpu.chunk_scan import chunk_scan_rowsum
+
+    B, H, L, _ = q.shape
+    dt, dev = q.dtype, q.device
+    lg = _log_decay(H, dev)
+    g = lg.expand(B, L, H)  # constant: its gradient is skipped
+    num, rowsum, S, z = chunk_scan_rowsum(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), g, scale, initial_state=S0, initial_z=z0
+    )
+    if offset == 0:
+        inv_c = _inv_c_from_zero(H, L, dev, torch.float32)
+    else:
+        inv_c = _inv_decay_norm(lg, offset + torch.arange(L, device=dev))
+    # _normalise's factor, in fp32 (the row sum is fp32), applied to the numerator in its dtype
+    fac = inv_c / (rowsum.transpose(1, 2) * inv_c).abs().clamp(min=1.0)  # (B, H, L)
+    out = num.transpose(1, 2) * fac.unsqueeze(-1).to(num.dtype)
+    return out, S.to(dt), z.to(dt)
+
+
 class HeadGroupNorm(nn.Module):
     """GroupNorm with one group per retention head, applied to ``(B, H, L, dh)`` directly
     (no transpose), with a per-channel affine over the ``H * dh`` channels. Returns (B, L, H*dh)."""
@@ -293,7 +326,9 @@ class RetNetMixer(Mixer):
     Training (``state is None``) uses the parallel form up to ``parallel_max_len`` tokens and
     the chunkwise form beyond. With a ``state`` dict (generation), one token runs the
     recurrent form and several tokens the chunkwise form; the state holds ``S``
-    (B, heads, dk, dv), ``z`` (B, heads, dk) and ``offset`` (tokens seen).
+    (B, heads, dk, dv), ``z`` (B, heads, dk) and ``offset`` (tokens seen). On the ``triton``
+    path (:func:`~xatl_ds.models.kernels.select_path`) training and multi-token prefill run
+    the chunked Triton scan instead (:func:`_retention_triton`); single tokens stay recurrent.
     """
 
     out_proj_name = "o_proj"
@@ -321,6 +356,7 @@ class RetNetMixer(Mixer):
             raise ValueError(f"chunk_size={config.chunk_size} must be >= 1 (RetNet's chunkwise form)")
         self.n_heads, self.head_dim = H, d // H
         self.chunk_size = config.chunk_size
+        self.kernels = config.kernels
         self.scaling = self.head_dim**-0.5
         self.rope_theta = config.rope_theta
         self.q_proj = nn.Linear(d, d, bias=False)
@@ -355,8 +391,15 @@ class RetNetMixer(Mixer):
         v = self.v_proj(x).view(B, L, H, dh).transpose(1, 2)
         q, k = apply_rotary(q, cos_sin), apply_rotary(k, cos_sin)
         sc = self.scaling
+        path = select_path(self.kernels, x, "the RetNet retention")
+        self.last_path = path
 
-        if state is None:
+        if path == "triton" and (state is None or L > 1):
+            S0, z0 = (state.get("S"), state.get("z")) if state is not None else (None, None)
+            y, S, z = _retention_triton(q, k, v, sc, offset, S0, z0)
+            if state is not None:
+                state["S"], state["z"], state["offset"] = S, z, offset + L
+        elif state is None:
             if L <= self.parallel_max_len:
                 y = retention_parallel(q, k, v, sc)
             else:
