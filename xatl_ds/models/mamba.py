@@ -535,9 +535,9 @@ class MambaMixer(Mixer):
 
     def _scan_triton(self, xs: torch.Tensor, z: torch.Tensor, want_state: bool):
         """Channel-last Triton scan (xatl_ds.models.gpu, imported here so the package imports
-        without triton). The conv is the channel-last torch one of Mamba-2 for now."""
+        without triton), after the Triton causal conv + SiLU."""
+        from .gpu.conv import causal_conv1d_silu as conv_silu
         from .gpu.selective_scan import selective_scan_triton
-        from .mamba2 import causal_conv1d_silu as conv_silu
 
         u = conv_silu(xs, self.conv1d.weight.squeeze(1), self.conv1d.bias)
         dt, B, C = self._ssm_inputs(u)

@@ -315,7 +315,12 @@ class GatedRMSNorm(nn.Module):
         self.group_size = group_size
         self.eps = eps
 
-    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, z: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """``fused``: one Triton kernel each way (:mod:`xatl_ds.models.gpu.gated_norm`)."""
+        if fused:
+            from .gpu.gated_norm import gated_rms_norm
+
+            return gated_rms_norm(y, z, self.weight, self.group_size, self.eps)
         dtype, acc = y.dtype, _acc_dtype(y)
         out = _GatedRMSNormFn.apply(y.to(acc), z.to(acc), self.weight.to(acc), self.group_size, self.eps)
         return out.to(dtype)
@@ -426,6 +431,10 @@ class Mamba2Mixer(Mixer):
         self.last_path = path
         if path == "cuda" and prev_conv is None and available("causal_conv1d"):
             xBC = self._conv_cuda(xBC)
+        elif path == "triton":
+            from .gpu.conv import causal_conv1d_silu as conv_triton
+
+            xBC = conv_triton(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, prev_conv)
         else:
             xBC = causal_conv1d_silu(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, prev_conv)
         xs, Bm, Cm = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
@@ -443,7 +452,7 @@ class Mamba2Mixer(Mixer):
             y, final = ssd_chunked(xs, dt, A, Bm, Cm, self.chunk_size, D=self.D, initial_state=prev_ssm)
         if state is not None:
             state["ssm"] = final.to(acc)
-        y = self.norm(y.reshape(b, l, self.d_inner), z)
+        y = self.norm(y.reshape(b, l, self.d_inner), z, fused=path == "triton")
         return self.out_proj(y)
 
     def _last_conv_inputs(self, xBC: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
