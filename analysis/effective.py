@@ -24,11 +24,11 @@ How ``C_s`` is found, per budget (the ``method`` column; never a bare number wit
 
 The fit (:func:`fit_scratch_curve`) is a variable-projection least-squares fit on the running
 minimum of the scratch curve: for a fixed ``alpha`` the model is linear in ``(E, A)``, so those
-have a closed form and only ``alpha`` is searched (log grid + golden section). It needs no
-scipy and has no starting-point sensitivity. Warmup rule: points with ``C <= 0``, points before
-the smoothed loss first falls (a plateau at initialisation) and points with
-``C < warmup_frac * C_max`` (default 0.1: the LR warmup and the steep early phase, which a
-power law does not describe) are left out.
+have a closed form and only ``alpha`` is searched (a coarse log grid for the bracket, then
+``scipy.optimize.minimize_scalar``); the grid removes any starting-point sensitivity. Warmup
+rule: points with ``C <= 0``, points before the smoothed loss first falls (a plateau at
+initialisation) and points with ``C < warmup_frac * C_max`` (default 0.1: the LR warmup and
+the steep early phase, which a power law does not describe) are left out.
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import optimize
 
 from .savings import compute_to_reach, smooth_curve
 
@@ -157,30 +158,24 @@ def _solve_linear(x: np.ndarray, y: np.ndarray, alphas: np.ndarray) -> tuple[np.
 
 
 def _fit_points(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """(E, A, alpha) on points already selected; x are raw FLOPs."""
+    """(E, A, alpha) on points already selected; x are raw FLOPs.
+
+    Variable projection: for a fixed ``alpha`` the least-squares ``(E, A)`` have a closed form
+    (:func:`_solve_linear`), so only the profiled residual sum of squares over ``log(alpha)`` is
+    minimised, by :func:`scipy.optimize.minimize_scalar` (bounded Brent) inside the bracket
+    around the best point of a coarse log grid. The grid is what makes the fit global: the
+    profile can have several local minima over four decades of ``alpha``, which a local
+    search from one starting point would not see."""
     c_ref = float(x.max())
     xn = x / c_ref  # O(1) values: x**-alpha stays representable for any alpha on the grid
     sse = _solve_linear(xn, y, _ALPHA_GRID)[0]
     if not np.isfinite(sse).any():
         raise FitError("the scratch curve does not fall with compute: no E + A*C^(-alpha) with A > 0 fits it")
     k = int(np.argmin(sse))
-    # golden section on log(alpha) inside the grid minimum's bracket
-    a, b = math.log(_ALPHA_GRID[max(k - 1, 0)]), math.log(_ALPHA_GRID[min(k + 1, len(_ALPHA_GRID) - 1)])
-    g = (math.sqrt(5) - 1) / 2
-    f = lambda t: float(_solve_linear(xn, y, np.array([math.exp(t)]))[0][0])  # noqa: E731
-    c, d = b - g * (b - a), a + g * (b - a)
-    fc, fd = f(c), f(d)
-    for _ in range(30):  # the bracket shrinks to 0.618**30 ~ 5e-7 of its width
-        if fc < fd:
-            b, d, fd = d, c, fc
-            c = b - g * (b - a)
-            fc = f(c)
-        else:
-            a, c, fc = c, d, fd
-            d = a + g * (b - a)
-            fd = f(d)
-    t = 0.5 * (a + b)
-    alpha = math.exp(t) if f(t) <= sse[k] else float(_ALPHA_GRID[k])
+    lo, hi = math.log(_ALPHA_GRID[max(k - 1, 0)]), math.log(_ALPHA_GRID[min(k + 1, len(_ALPHA_GRID) - 1)])
+    res = optimize.minimize_scalar(lambda t: float(_solve_linear(xn, y, np.array([math.exp(t)]))[0][0]),
+                                   bounds=(lo, hi), method="bounded", options={"xatol": 1e-9})  # fmt: skip
+    alpha = math.exp(res.x) if res.success and res.fun <= sse[k] else float(_ALPHA_GRID[k])
     _, E, A_n = (float(v[0]) for v in _solve_linear(xn, y, np.array([alpha])))
     return E, A_n * c_ref**alpha, alpha  # back to raw FLOPs: A_n * (C/c_ref)^-alpha = A * C^-alpha
 
@@ -235,14 +230,15 @@ def bootstrap_fits(fit: ScratchFit, n_boot: int = 200, seed: int = 0) -> np.ndar
 
 
 def percentile_interval(samples: Iterable[float], level: float = 0.95) -> tuple[float, float]:
-    """Percentile interval of ``samples`` without interpolating between order statistics, so
-    ``inf`` replicates (a refit whose asymptote lies above the target) give an ``inf`` bound
-    instead of NaN. NaN samples are ignored; (NaN, NaN) with fewer than 2 samples."""
-    s = np.sort(np.asarray([v for v in samples if not math.isnan(v)], dtype=float))
+    """Percentile interval of ``samples`` without interpolating between order statistics
+    (``numpy.quantile`` with ``method="lower"`` / ``"higher"``), so ``inf`` replicates (a refit
+    whose asymptote lies above the target) give an ``inf`` bound instead of NaN. NaN samples
+    are ignored; (NaN, NaN) with fewer than 2 samples."""
+    s = np.asarray([v for v in samples if not math.isnan(v)], dtype=float)
     if len(s) < 2:
         return math.nan, math.nan
     a = (1 - level) / 2
-    return float(s[int(math.floor(a * (len(s) - 1)))]), float(s[int(math.ceil((1 - a) * (len(s) - 1)))])
+    return float(np.quantile(s, a, method="lower")), float(np.quantile(s, 1 - a, method="higher"))
 
 
 # -- effective compute along the XATL curve --------------------------------------------------------
@@ -444,6 +440,13 @@ def aggregate_over_seeds(rows: Sequence[EffectiveMultiplier | Mapping], *, incl_
     ``rows``: :class:`EffectiveMultiplier` objects or mappings with ``multiplier``, ``method``
     and optionally ``boot`` (``multiplier_incl_source`` / ``boot_incl_source`` with
     ``incl_source``).
+
+    Why not ``scipy.stats.bootstrap``: it resamples observations and applies a statistic to
+    them, while each replicate here also draws, per resampled seed, one of that seed's own fit
+    replicates (a second level of resampling whose pool differs from seed to seed), and the
+    interval must keep ``inf`` replicates as an ``inf`` bound, which its interpolating
+    quantile turns into NaN. The same goes for :func:`bootstrap_fits`, a residual bootstrap
+    that refits the curve.
     """
     col, bcol = ("multiplier_incl_source", "boot_incl_source") if incl_source else ("multiplier", "boot")
     methods = [str(_field(r, "method")) for r in rows]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as mticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -45,28 +46,56 @@ def _empty(path: Path, title: str, msg: str) -> Path:
 
 
 def _save(fig, path: Path) -> Path:
-    """Lay out, write and close a figure; returns its path."""
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    """Write and close a figure (``bbox_inches="tight"`` keeps legends outside the axes in
+    the picture); returns its path."""
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
-def _loss_axes(ax, xlabel: str, title: str) -> None:
-    """A validation-loss panel: log x, labels, legend, grid."""
-    ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("validation loss")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+PALETTE = plt.get_cmap("tab10").colors
+#: XATL variants of one architecture (same colour) told apart by the line style
+_VARIANT_STYLES = ("-", "-.", (0, (1, 1)), (0, (5, 1, 1, 1)))
+
+
+def _compact(v: float, _pos=None) -> str:
+    """Tick label: ``2``, ``0.5``, ``3e11`` (no ``10^x`` notation, no ``e+``)."""
+    if v <= 0 or not math.isfinite(v):
+        return ""
+    if 1e-3 <= abs(v) < 1e4:
+        return f"{v:g}"
+    m, e = f"{v:.0e}".split("e")
+    return f"{m}e{int(e)}"
+
+
+def _log_axis(ax, which: str = "x") -> None:
+    """Log scale with labels at 1, 2 and 5 of each decade (1, 2, 3, 5, 7 within a narrow
+    range; decades only over a wide one), so a range of 4 to 8 still reads."""
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+    lo, hi = ax.get_xlim() if which == "x" else ax.get_ylim()
+    span = math.log10(hi / lo) if lo > 0 and hi > lo else 3
+    subs = (1.0, 2.0, 3.0, 5.0, 7.0) if span < 0.8 else (1.0, 2.0, 5.0) if span < 2.5 else (1.0,)
+    axis.set_major_locator(mticker.LogLocator(base=10, subs=subs))
+    axis.set_major_formatter(mticker.FuncFormatter(_compact))
+    axis.set_minor_locator(mticker.LogLocator(base=10, subs=np.arange(1, 10)))
+    axis.set_minor_formatter(mticker.NullFormatter())
+
+
+def _legend(fig, handles, labels, ncol: int = 1, title: str | None = None) -> None:
+    """One legend for the whole figure, to the right of the panels."""
+    if handles:
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, ncol=ncol,
+                   title=title, title_fontsize=8, frameon=False)  # fmt: skip
 
 
 def _size_order(df: pd.DataFrame) -> list[str]:
     if df.empty:
         return []
+    if "n_layers" not in df or "d_model" not in df:
+        return list(dict.fromkeys(df["size"]))
     d = df.assign(_w=df["n_layers"].fillna(0).astype(float) * df["d_model"].fillna(0).astype(float) ** 2)
-    return list(d.sort_values("_w").drop_duplicates("size")["size"])
+    return list(d.sort_values("_w", kind="stable").drop_duplicates("size")["size"])
 
 
 def _group_label(r: Mapping, is_source: bool) -> str:
@@ -78,113 +107,173 @@ def _group_label(r: Mapping, is_source: bool) -> str:
     return f"scratch {arch_label(r)}"
 
 
+def _variant_extra(r: Mapping) -> str:
+    """The part of :func:`variant_label` after the architecture (``lit``, ``attention+kl, none``)."""
+    v, a = variant_label(r), arch_label(r)
+    return v[len(a):].strip(" ()") if v.startswith(a) else v
+
+
+class _Styles:
+    """Colour and line style of every group of a sweep: one colour per architecture (per
+    recipe / variant where all XATL runs share one architecture), XATL solid (variants of one
+    colour in other line styles), its scratch baseline dashed in the same colour, grey where
+    the colour stands for a recipe the scratch run does not have."""
+
+    def __init__(self, rows: pd.DataFrame):
+        x = rows[rows["init_kind"] == "xatl"] if "init_kind" in rows else rows.iloc[:0]
+        archs = sorted({arch_label(r) for _, r in x.iterrows()})
+        self.by_arch = len(archs) > 1 or x.empty
+        if self.by_arch:
+            keys = sorted({arch_label(r) for _, r in rows.iterrows()})
+            self.variants = {a: sorted({_variant_extra(r) for _, r in x.iterrows() if arch_label(r) == a}) for a in keys}
+        else:
+            keys = sorted({_variant_extra(r) for _, r in x.iterrows()})
+            self.variants = {}
+        self.colour = {k: PALETTE[i % len(PALETTE)] for i, k in enumerate(keys)}
+
+    def __call__(self, r: Mapping) -> dict:
+        if r.get("init_kind") != "xatl":
+            c = self.colour.get(arch_label(r), "0.4") if self.by_arch else "0.35"
+            return {"color": c, "ls": "--"}
+        if self.by_arch:
+            a = arch_label(r)
+            k = self.variants.get(a, []).index(_variant_extra(r)) if _variant_extra(r) in self.variants.get(a, []) else 0
+            return {"color": self.colour.get(a, "0.4"), "ls": _VARIANT_STYLES[k % len(_VARIANT_STYLES)]}
+        return {"color": self.colour.get(_variant_extra(r), "0.4"), "ls": "-"}
+
+    def shade(self, r: Mapping) -> Any:
+        """The colour of :meth:`__call__`, lighter for an architecture's second and later XATL
+        variants: for points and bars, which have no line style to tell variants apart."""
+        st = self(r | {"init_kind": "xatl"})
+        if not self.by_arch:
+            return st["color"]
+        k = _VARIANT_STYLES.index(st["ls"]) if st["ls"] in _VARIANT_STYLES else 0
+        return tuple(c + (1 - c) * min(0.45 * k, 0.8) for c in matplotlib.colors.to_rgb(st["color"]))
+
+
+def _seed_mean(cs: list[pd.DataFrame], x: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x, mean, min, max) of the seeds' validation losses, cut to the shortest curve (seeds of
+    one group evaluate at the same steps, hence the same FLOPs and tokens)."""
+    n = min(len(c) for c in cs)
+    ys = np.array([c["val_loss"].to_numpy(dtype=float)[:n] for c in cs])
+    return cs[0][x].to_numpy(dtype=float)[:n], ys.mean(axis=0), ys.min(axis=0), ys.max(axis=0)
+
+
+def _loss_panels(df: pd.DataFrame, curves: Mapping[str, pd.DataFrame], events: Mapping[str, list[dict]], path: Path,
+                 x: str, xlabel: str, title: str, sources: Iterable[str], teacher: bool) -> Path:  # fmt: skip
+    """Validation loss vs ``x``, one panel per size: per group of seeds the mean (a faint band
+    from the lowest to the highest seed), XATL solid and scratch dashed in one colour per
+    architecture or recipe, sources dotted black, unfreeze events as hollow circles on the mean
+    curve, a teacher's loss as a horizontal line; one legend beside the panels."""
+    sources = set(sources)
+    have = lambda r: r in curves and len(curves[r]) > 0 and x in curves[r]  # noqa: E731
+    sizes = [s for s in _size_order(df) if any(have(r) for r in df.loc[df["size"] == s, "run"])]
+    if not sizes:
+        return _empty(path, title, "no validation losses logged yet")
+    style = _Styles(df[~df["run"].isin(sources)])
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes), 3.6), squeeze=False, sharey=True)
+    legend: dict[str, Any] = {}
+    for ax, size in zip(axes[0], sizes):
+        rows = df[(df["size"] == size) & df["run"].map(have)]
+        groups: dict[str, list] = {}
+        for _, r in rows.iterrows():
+            groups.setdefault(_group_label(r, r["run"] in sources), []).append(r)
+        for g in sorted(groups, key=lambda g: (g.startswith("source"), g.startswith("scratch"), g)):
+            rs = groups[g]
+            src = rs[0]["run"] in sources
+            st = {"color": "k", "ls": ":"} if src else style(rs[0])
+            xs, mean, lo, hi = _seed_mean([curves[r["run"]] for r in rs], x)
+            (line,) = ax.plot(xs, mean, lw=1.6 if not src else 1.2, **st)
+            if len(rs) > 1:
+                ax.fill_between(xs, lo, hi, color=st["color"], alpha=0.15, lw=0)
+            for r in rs:
+                for e in events.get(r["run"], []) if x in ("flops", "tokens") else []:
+                    f = e.get(x)
+                    if f is None or not len(xs):
+                        continue
+                    ax.plot([f], [float(np.interp(f, xs, mean))], "o", color=st["color"], mfc="none", ms=6, mew=1)
+            partial = sum(r["state"] != "done" for r in rs)
+            n = f"{len(rs)} seeds" if len(rs) > 1 else f"seed {rs[0].get('seed')}"
+            legend.setdefault(f"{g} ({n}{f', {partial} partial' if partial else ''})", line)
+        if teacher and "teacher_val_loss" in rows:
+            t = rows["teacher_val_loss"].astype(float)
+            t = t[np.isfinite(t)]
+            if len(t):
+                legend.setdefault("teacher (source) validation loss",
+                                  ax.axhline(float(t.mean()), color="k", lw=1.0, alpha=0.8))  # fmt: skip
+        ax.set_title(str(size), fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3, which="major")
+        _log_axis(ax, "x")
+    axes[0][0].set_ylabel("validation loss")
+    if any(events.get(r) for r in df["run"]) and x in ("flops", "tokens"):
+        legend["unfreeze (LIT)"] = plt.Line2D([], [], ls="none", marker="o", mfc="none", color="0.3")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _legend(fig, list(legend.values()), list(legend.keys()))
+    return _save(fig, path)
+
+
 def plot_loss_vs_flops(df: pd.DataFrame, curves: Mapping[str, pd.DataFrame], events: Mapping[str, list[dict]],
                        path: str | Path, sources: Iterable[str] = ()) -> Path:  # fmt: skip
-    """Validation loss vs training FLOPs, one panel per size; XATL solid, scratch dashed, the
-    source runs (``sources``: their run names) dotted black, so the reader sees how far the
-    source trained; one colour and one legend entry per group of seeds; unfreeze events marked
-    with a vertical tick and a dot on the curve."""
-    path = Path(path)
-    sources = set(sources)
-    sizes = [s for s in _size_order(df) if any(len(curves.get(r, ())) for r in df.loc[df["size"] == s, "run"])]
-    if not sizes:
-        return _empty(path, "validation loss vs FLOPs", "no validation losses logged yet")
-    labels = {r["run"]: _group_label(r, r["run"] in sources) for _, r in df.iterrows()}
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    groups = sorted({g for run, g in labels.items() if run not in sources})
-    colour = {g: palette[k % len(palette)] for k, g in enumerate(groups)}
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4.2), squeeze=False)
-    for ax, size in zip(axes[0], sizes):
-        rows = df[df["size"] == size]
-        drawn = [r for _, r in rows.iterrows() if curves.get(r["run"]) is not None and len(curves[r["run"]])]
-        count = {g: sum(1 for r in drawn if labels[r["run"]] == g) for g in {labels[r["run"]] for r in drawn}}
-        partial = {g: sum(1 for r in drawn if labels[r["run"]] == g and r["state"] != "done") for g in count}
-        seen: set[str] = set()
-        for r in drawn:
-            c, g = curves[r["run"]], labels[r["run"]]
-            src = r["run"] in sources
-            label = None
-            if g not in seen:
-                seen.add(g)
-                extra = [f"{count[g]} seeds"] if count[g] > 1 else [f"s{r.get('seed')}"]
-                extra += [f"{partial[g]} partial"] if partial[g] else []
-                label = f"{g} ({', '.join(extra)})"
-            style = (dict(color="k", ls=":", lw=1.5) if src
-                     else dict(color=colour[g], ls="-" if r["init_kind"] == "xatl" else "--"))  # fmt: skip
-            (line,) = ax.plot(c["flops"], c["val_loss"], marker=".", ms=3, alpha=0.85, label=label, **style)
-            for e in events.get(r["run"], []):
-                f = e.get("flops")
-                if f is None:
-                    continue
-                y = float(np.interp(f, c["flops"], c["val_loss"])) if f > 0 else float(c["val_loss"].iloc[0])
-                ax.axvline(f, color=line.get_color(), alpha=0.25, lw=1)
-                ax.plot([f], [y], "o", color=line.get_color(), mfc="none", ms=8)
-        _loss_axes(ax, "training FLOPs", f"{size} (o = unfreeze, dotted = source)")
-    return _save(fig, path)
+    """Validation loss vs training FLOPs, one panel per size, seed means with a faint band
+    (see :func:`_loss_panels`)."""
+    return _loss_panels(df, curves, events, Path(path), "flops", "training FLOPs",
+                        "validation loss vs FLOPs: mean over seeds (band: lowest to highest seed)", sources, False)
 
 
 def plot_loss_vs_tokens(df: pd.DataFrame, curves: Mapping[str, pd.DataFrame], path: str | Path,
                         sources: Iterable[str] = ()) -> Path:  # fmt: skip
-    """Validation loss vs training tokens, one panel per size: the mean over seeds of each
-    group (role, architecture, recipe; seeds cut to the shortest curve of the group so the
-    mean is over all of them), its seeds faint behind it, and each teacher's validation loss
-    as a horizontal black line: how many tokens a recipe needs to come how close to it."""
-    path = Path(path)
+    """Validation loss vs training tokens, one panel per size, seed means with a faint band,
+    each teacher's validation loss as a horizontal black line: how many tokens a recipe needs
+    to come how close to it. Sources are left out (their token counts dwarf the targets')."""
     sources = set(sources)
-    rows = df[~df["run"].isin(sources)]
-    sizes = [s for s in _size_order(rows) if any(len(curves.get(r, ())) for r in rows.loc[rows["size"] == s, "run"])]
-    if not sizes:
-        return _empty(path, "validation loss vs tokens", "no validation losses logged yet")
-    labels = {r["run"]: _group_label(r, False) for _, r in rows.iterrows()}
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    colour = {g: palette[k % len(palette)] for k, g in enumerate(sorted(set(labels.values())))}
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4.2), squeeze=False)
-    for ax, size in zip(axes[0], sizes):
-        here = rows[rows["size"] == size]
-        for g in sorted({labels[r] for r in here["run"]}):
-            cs = [curves[r] for r in here["run"]
-                  if labels[r] == g and r in curves and len(curves[r]) and "tokens" in curves[r]]
-            if not cs:
-                continue
-            for c in cs:
-                ax.plot(c["tokens"], c["val_loss"], color=colour[g], alpha=0.2, lw=0.8)
-            n = min(len(c) for c in cs)
-            mean = np.mean([c["val_loss"].to_numpy()[:n] for c in cs], axis=0)
-            ls = "--" if g.startswith("scratch") else "-"
-            ax.plot(cs[0]["tokens"].to_numpy()[:n], mean, ls, color=colour[g], lw=1.6, label=f"{g} ({len(cs)} seeds)")
-        teacher = here["teacher_val_loss"].astype(float) if "teacher_val_loss" in here else pd.Series(dtype=float)
-        teacher = teacher[np.isfinite(teacher)]
-        if len(teacher):
-            ax.axhline(float(teacher.mean()), color="k", lw=1.2, label=f"teacher {teacher.mean():.3f}")
-        _loss_axes(ax, "training tokens", f"{size}: mean over seeds (faint: each seed)")
-    return _save(fig, path)
+    return _loss_panels(df[~df["run"].isin(sources)], curves, {}, Path(path), "tokens", "training tokens",
+                        "validation loss vs tokens: mean over seeds (band: lowest to highest seed)", (), True)
 
 
 def plot_savings_vs_size(agg: pd.DataFrame, df: pd.DataFrame, path: str | Path) -> Path:
-    """The paper's FLOPs savings (mean, bootstrap CI when several seeds) vs model size, one
-    line per architecture / XATL variant; hollow markers where a seed's value is only a lower
-    bound; a dashed line at 1x (no saving)."""
+    """The paper's FLOPs savings against model size: per architecture / XATL variant the mean
+    over seeds (bootstrap CI when several seeds) as a point, no joining line; where some seed's
+    value is only a lower bound the point is an upward arrow (the saving is at least that); a
+    dashed line at 1x (no saving)."""
     path = Path(path)
     if agg.empty or not np.isfinite(agg["savings_flops_mean"].astype(float)).any():
         return _empty(path, "savings vs model size", "no XATL/scratch pair has reached its target yet")
-    order = _size_order(df)
+    order = [s for s in _size_order(df) if s in set(agg["size"])] or sorted(set(agg["size"]))
     pos = {s: i for i, s in enumerate(order)}
-    fig, ax = plt.subplots(figsize=(6, 4))
-    group = ["mixer", "attention_layers", "recipe", "freeze_policy", "unfreeze_order"]
-    for _, g in agg.groupby([k for k in group if k in agg], dropna=False):
-        g = g.assign(_x=g["size"].map(pos)).sort_values("_x")
-        y = g["savings_flops_mean"].astype(float)
-        lo, hi = g["savings_flops_ci_low"].astype(float), g["savings_flops_ci_high"].astype(float)
+    style = _Styles(agg.assign(init_kind="xatl"))
+    group = [k for k in ("mixer", "attention_layers", "recipe", "freeze_policy", "unfreeze_order") if k in agg]
+    groups = list(agg.groupby(group, dropna=False, sort=True))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(order) + 2), 3.6))
+    width = 0.7 / max(1, len(groups))
+    legend = {}
+    for k, (_, g) in enumerate(groups):
+        st = {"color": style.shade(g.iloc[0].to_dict())}
+        g = g[g["size"].isin(pos)]
+        xs = g["size"].map(pos).to_numpy(float) - 0.35 + width * (k + 0.5)
+        y = g["savings_flops_mean"].astype(float).to_numpy()
+        lo, hi = g["savings_flops_ci_low"].astype(float).to_numpy(), g["savings_flops_ci_high"].astype(float).to_numpy()
+        lb = g["any_lower_bound"].astype(bool).to_numpy() if "any_lower_bound" in g else np.zeros(len(g), bool)
+        ok = np.isfinite(y)
+        pt = ok & ~lb
         err = np.vstack([np.where(np.isfinite(lo), y - lo, 0), np.where(np.isfinite(hi), hi - y, 0)])
-        line = ax.errorbar(g["_x"], y, yerr=err, marker="o", capsize=3, label=variant_label(g.iloc[0]))[0]
-        lb = g[g["any_lower_bound"].astype(bool)] if "any_lower_bound" in g else g.iloc[:0]
-        ax.plot(lb["_x"], lb["savings_flops_mean"].astype(float), "o", ms=9, mfc="white", color=line.get_color())
-    ax.axhline(1.0, color="k", ls="--", lw=1)
-    ax.set_xticks(range(len(order)), order, rotation=20)
+        h = ax.errorbar(xs[pt], y[pt], yerr=err[:, pt], fmt="o", ms=5, capsize=2, color=st["color"], lw=1)
+        bd = ok & lb
+        if bd.any():  # a bound: an arrow up from the value, no error bar
+            ax.errorbar(xs[bd], y[bd], yerr=0.25 * y[bd], lolims=True, fmt="_", ms=9, mew=2, color=st["color"], lw=1)
+        legend.setdefault(variant_label(g.iloc[0]), plt.Line2D([], [], color=st["color"], ls="none",
+                                                               marker="o" if pt.any() else "^"))  # fmt: skip
+    ax.axhline(1.0, color="k", ls="--", lw=0.8)
+    ax.set_xticks(range(len(order)), order)
+    ax.set_xlim(-0.6, len(order) - 0.4)
     ax.set_ylabel("FLOPs savings (scratch / XATL)")
-    ax.set_title("paper's definition vs model size (hollow = lower bound)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    ax.set_title("paper's definition: arrows are lower bounds", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    _log_axis(ax, "y")
+    legend["arrow: at least this (XATL started below the target)"] = plt.Line2D([], [], color="0.3", marker="^", ls="none")
+    fig.tight_layout()
+    _legend(fig, list(legend.values()), list(legend.keys()))
     return _save(fig, path)
 
 
@@ -197,8 +286,8 @@ def plot_effective_vs_size(trend: pd.DataFrame, path: str | Path) -> Path:
     path = Path(path)
     if trend.empty or not (trend["kind"] == "measured").any():
         return _empty(path, "effective compute vs model size", "a size trend needs >= 2 sizes with a finite multiplier")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    palette = PALETTE
     named: dict[str, float] = {}
     for k, (label, g) in enumerate(trend.groupby("label", sort=True)):
         col = palette[k % len(palette)]
@@ -230,61 +319,105 @@ def plot_effective_vs_size(trend: pd.DataFrame, path: str | Path) -> Path:
         ax.text(n, 1.0, name.replace("pythia-", ""), transform=ax.get_xaxis_transform(), rotation=90, va="top",
                 ha="right", fontsize=7, color="grey")  # fmt: skip
     ax.axhline(1.0, color="k", ls="--", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    _log_axis(ax, "x")
+    _log_axis(ax, "y")
     ax.set_xlabel("non-embedding parameters")
     ax.set_ylabel("effective-compute multiplier")
-    ax.set_title("effective compute vs size (dashed: extrapolation, not a measurement)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, which="both")
+    ax.set_title("effective compute vs size (dashed: extrapolation, not a measurement)", fontsize=10)
+    ax.grid(alpha=0.3, which="major")
+    fig.tight_layout()
+    h, l = ax.get_legend_handles_labels()
+    _legend(fig, h, l)
     return _save(fig, path)
 
 
-def plot_savings_curves(curves: Mapping[str, pd.DataFrame], path: str | Path) -> Path:
-    """Savings ratio vs target loss per pairing (x axis reversed: lower loss to the right);
-    hollow markers where the ratio is a lower bound."""
+def plot_savings_curves(curves: pd.DataFrame, path: str | Path, sizes: Iterable[str] | None = None) -> Path:
+    """Savings ratio vs target loss (x axis reversed: lower loss to the right), one panel per
+    size, per architecture / XATL variant the mean over seeds on the targets all its seeds
+    share, with a faint band from the lowest to the highest seed; hollow markers where some
+    seed's ratio is only a lower bound, drawn as markers without a line. ``curves``:
+    ``savings_curve`` rows with ``size`` and the variant columns (the report's
+    savings_curves.csv joined with savings.csv); ``sizes``: the panels' order."""
     path = Path(path)
-    curves = {k: v for k, v in curves.items() if len(v) and np.isfinite(v["ratio"].astype(float)).any()}
-    if not curves:
+    if curves is None or curves.empty or not np.isfinite(curves["ratio"].astype(float)).any():
         return _empty(path, "savings vs target loss", "no pairing has a finite ratio yet")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, c in curves.items():
-        (line,) = ax.plot(c["target"], c["ratio"], "-", label=name)
-        lb = c[c["lower_bound"]]
-        ax.plot(lb["target"], lb["ratio"], "o", mfc="none", color=line.get_color(), ms=4)
-    ax.axhline(1.0, color="k", ls="--", lw=1)
-    ax.invert_xaxis()
-    ax.set_xlabel("target validation loss")
-    ax.set_ylabel("FLOPs savings (scratch / XATL)")
-    ax.set_title("savings vs target loss (o = lower bound)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    c = curves[np.isfinite(curves["ratio"].astype(float))]
+    present = set(c["size"])
+    sizes = [s for s in (sizes or []) if s in present] + sorted(present - set(sizes or []), key=str)
+    style = _Styles(c.assign(init_kind="xatl"))
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes), 3.6), squeeze=False)
+    legend = {}
+    for ax, size in zip(axes[0], sizes):
+        here = c[c["size"] == size]
+        by = {}
+        for (xr, sr), pc in here.groupby(["xatl_run", "scratch_run"], sort=True):
+            by.setdefault(variant_label(pc.iloc[0]), []).append(pc)
+        for label, pcs in sorted(by.items()):
+            row = pcs[0].iloc[0].to_dict() | {"init_kind": "xatl"}
+            st = {"color": style.shade(row), "ls": style(row)["ls"]}
+            t_hi = min(float(p["target"].max()) for p in pcs)
+            t_lo = max(float(p["target"].min()) for p in pcs)
+            if not t_hi > t_lo:
+                continue
+            grid = np.linspace(t_hi, t_lo, 40)
+            r = np.array([np.interp(grid, p["target"].to_numpy(float)[::-1], p["ratio"].to_numpy(float)[::-1])
+                          for p in pcs])  # fmt: skip
+            lb = np.array([np.interp(grid, p["target"].to_numpy(float)[::-1],
+                                     p["lower_bound"].astype(float).to_numpy()[::-1]) for p in pcs]).max(axis=0) > 0.5
+            m = r.mean(axis=0)
+            line = ax.plot(np.where(lb, np.nan, grid), np.where(lb, np.nan, m), lw=1.6, **st)[0]
+            if len(pcs) > 1:
+                ax.fill_between(grid, r.min(axis=0), r.max(axis=0), color=st["color"], alpha=0.12, lw=0)
+            ax.plot(grid[lb][::2], m[lb][::2], "^", mfc="none", color=st["color"], ms=4, mew=0.9)
+            legend.setdefault(f"{label} ({len(pcs)} seed{'s' if len(pcs) > 1 else ''})",
+                              plt.Line2D([], [], marker="^", mfc="none", **st) if lb.any() else line)  # fmt: skip
+        ax.axhline(1.0, color="k", ls="--", lw=0.8)
+        ax.invert_xaxis()
+        ax.set_title(str(size), fontsize=10)
+        ax.set_xlabel("target validation loss")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("FLOPs savings (scratch / XATL)")
+    legend["^ without a line: a lower bound"] = plt.Line2D([], [], ls="none", marker="^", mfc="none", color="0.3")
+    fig.suptitle("paper's definition against the target loss: mean over seeds (band: lowest to highest)", fontsize=10)
+    fig.tight_layout()
+    _legend(fig, list(legend.values()), list(legend.keys()))
     return _save(fig, path)
 
 
-def plot_benchmark_deltas(deltas: pd.DataFrame, path: str | Path) -> Path:
-    """XATL - scratch per task/metric (mean over seeds), error bars = combined stderr."""
+def plot_benchmark_deltas(deltas: pd.DataFrame, path: str | Path, sizes: Iterable[str] | None = None) -> Path:
+    """XATL - scratch at equal compute, one panel per task/metric (perplexities left out),
+    one horizontal bar per size and architecture / XATL variant: the mean over seeds with
+    the combined standard error of that mean."""
     path = Path(path)
     if deltas.empty:
         return _empty(path, "benchmark deltas", "no pair with evaluations on both sides yet")
-    d = deltas[deltas["metric"].isin(["acc", "acc_norm"]) | ~deltas["metric"].str.contains("perplexity")]
+    d = deltas[~deltas["metric"].astype(str).str.contains("perplexity")]
     if d.empty:
         d = deltas
-    d = d.assign(label=[f"{r['size']} {variant_label(r)}" for _, r in d.iterrows()],
-                 tm=d["task"] + "/" + d["metric"])  # fmt: skip
-    g = d.groupby(["label", "tm"]).agg(delta=("delta", "mean"),
-                                       se=("delta_se", lambda s: math.sqrt(np.nansum(np.square(s))) / max(1, len(s))))  # fmt: skip
+    d = d.assign(label=[f"{r['size']}  {variant_label(r)}" for _, r in d.iterrows()],
+                 tm=d["task"].astype(str).str.replace("xatl_", "") + " " + d["metric"].astype(str))  # fmt: skip
+    g = d.groupby(["label", "tm"], sort=False).agg(
+        delta=("delta", "mean"), se=("delta_se", lambda s: math.sqrt(np.nansum(np.square(s))) / max(1, len(s))))
     g = g.reset_index()
-    tms, labels = sorted(g["tm"].unique()), sorted(g["label"].unique())
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(tms) * max(1, len(labels)) / 2 + 2), 4))
-    w = 0.8 / len(labels)
-    for k, lab in enumerate(labels):
-        sub = g[g["label"] == lab].set_index("tm").reindex(tms)
-        ax.bar(np.arange(len(tms)) + k * w, sub["delta"], w, yerr=sub["se"].fillna(0), capsize=3, label=lab)
-    ax.axhline(0, color="k", lw=1)
-    ax.set_xticks(np.arange(len(tms)) + 0.4 - w / 2, tms, rotation=25, ha="right")
-    ax.set_ylabel("XATL - scratch")
-    ax.set_title("benchmark deltas at equal compute")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, axis="y")
+    order = {s: i for i, s in enumerate(list(sizes or []) + _size_order(d))}
+    order = {s: i for i, s in enumerate(dict.fromkeys(order))}
+    labels = sorted(g["label"].unique(), key=lambda l: (order.get(l.split("  ")[0], 99), l))
+    first = {l: r for l, r in zip(d["label"], d.to_dict("records"))}
+    style = _Styles(d.assign(init_kind="xatl"))
+    tms = sorted(g["tm"].unique())
+    fig, axes = plt.subplots(1, len(tms), figsize=(min(3.0 * len(tms), 15), 0.28 * len(labels) + 1.4),
+                             squeeze=False, sharey=True)  # fmt: skip
+    y = np.arange(len(labels))[::-1]
+    for ax, tm in zip(axes[0], tms):
+        sub = g[g["tm"] == tm].set_index("label").reindex(labels)
+        cols = [style.shade(first[l]) for l in labels]
+        ax.barh(y, sub["delta"], 0.7, xerr=sub["se"].fillna(0), color=cols, error_kw={"lw": 0.8, "capsize": 2})
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_title(tm, fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3, axis="x")
+    axes[0][0].set_yticks(y, labels, fontsize=8)
+    fig.supxlabel("XATL - scratch (mean over seeds ± its standard error)", fontsize=9)
+    fig.suptitle("benchmark deltas at equal compute", fontsize=10)
+    fig.tight_layout()
     return _save(fig, path)

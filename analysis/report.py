@@ -13,14 +13,23 @@ Writes into the output folder (default SWEEP_DIR): ``report.md``, ``results.csv`
 evaluation along each XATL curve), ``size_trend.csv`` (the multiplier against
 non-embedding parameters, fitted and extrapolated to the Pythia sizes), ``savings.csv`` /
 ``savings_summary.csv`` / ``savings_curves.csv`` (the paper's definition),
-``benchmark_deltas.csv`` and ``figures/*.png``. Partial sweeps are fine: the report lists
-what is missing.
+``benchmark_deltas.csv``, ``curves.parquet`` (every run's validation curve and unfreeze
+events) and ``figures/*.png``. Partial sweeps are fine: the report lists what is missing.
+
+Without run folders, ``SWEEP_DIR`` may be a folder an earlier report wrote: with its
+results.parquet and curves.parquet the report is rebuilt exactly; with results.parquet alone
+(reports written before curves.parquet existed) the per-pairing tables are read back and only
+what they determine is recomputed (:func:`load_sweep`). A folder with neither runs nor
+results.parquet is an error.
 """
 from __future__ import annotations
 
 import glob
+import json
 import math
+import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -28,6 +37,7 @@ import pandas as pd
 import yaml
 
 from .effective import aggregate_effective, effective_compute, effective_table
+from .figures import _size_order  # noqa: E402  (the panels' order)
 from .figures import (
     arch_label, variant_label, plot_benchmark_deltas, plot_effective_vs_size, plot_loss_vs_flops, plot_loss_vs_tokens,
     plot_savings_curves, plot_savings_vs_size,
@@ -46,22 +56,22 @@ SUMMARY_KEYS = [k for k in PAIR_KEYS if k != "seed"] + list(VARIANT_KEYS)
 TREND_KEYS = [k for k in SUMMARY_KEYS if k not in ("size", "source", "lit_window", "rewarmup_steps")]
 
 
-def md_table(df: pd.DataFrame, cols: list[str] | None = None, floatfmt: str = "{:.4g}") -> str:
-    """A GitHub markdown table (no tabulate dependency); NaN/None print as '-'."""
+def md_table(df: pd.DataFrame, cols: list[str] | None = None, floatfmt: str = ".4g") -> str:
+    """A GitHub markdown table (``DataFrame.to_markdown``, i.e. tabulate); NaN/None print as
+    '-', floats with ``floatfmt``, strings as they are (no number parsing)."""
     if df is None or df.empty:
         return "_(none)_\n"
     cols = [c for c in (cols or list(df.columns)) if c in df.columns]
 
-    def fmt(v) -> str:
-        if v is None or (isinstance(v, float) and math.isnan(v)):
+    def cell(v):
+        if v is None or (pd.api.types.is_scalar(v) and not isinstance(v, str) and pd.isna(v)):
             return "-"
         if isinstance(v, float):
-            return floatfmt.format(v)
+            return format(v, floatfmt)
         return str(v).replace("|", "\\|").replace("\n", " ")
 
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for _, r in df.iterrows()]
-    return "\n".join(lines) + "\n"
+    view = pd.DataFrame({c: [cell(v) for v in df[c]] for c in cols}, columns=cols)
+    return view.to_markdown(index=False, tablefmt="github", disable_numparse=True) + "\n"
 
 
 def _expected_dirs(expected: Iterable[str] | None) -> list[Path]:
@@ -217,7 +227,7 @@ def _pythia_targets():
     return targets
 
 
-def _excl_teacher(df: pd.DataFrame, sav: pd.DataFrame, curves: Mapping[str, pd.DataFrame], records: list[RunRecord],
+def _excl_teacher(df: pd.DataFrame, sav: pd.DataFrame, curves: Mapping[str, pd.DataFrame], n_params: Mapping[str, float],
                   summ: pd.DataFrame, fit_boot: int, ema: float, n_boot: int) -> list[str]:  # fmt: skip
     """Per summary row, the multiplier with a distillation teacher's forward FLOPs left out of
     the XATL side (its student FLOPs alone), in words; "" for groups without a teacher."""
@@ -226,7 +236,7 @@ def _excl_teacher(df: pd.DataFrame, sav: pd.DataFrame, curves: Mapping[str, pd.D
     if pairs.empty:
         return [""] * len(summ)
     student = {r: c.assign(flops=c["student_flops"]) if "student_flops" in c else c for r, c in curves.items()}
-    eff, ems = effective_table(pairs, student, n_params=_nonembed_params(records, df["run"]), fit_boot=fit_boot, ema=ema)
+    eff, ems = effective_table(pairs, student, n_params=n_params, fit_boot=fit_boot, ema=ema)
     if eff.empty:
         return [""] * len(summ)
     done = (eff["xatl_state"] == "done").to_numpy()
@@ -276,7 +286,7 @@ def _effective_section(eff: pd.DataFrame, summ: pd.DataFrame, trend: pd.DataFram
                                             "effective_incl_source": "incl. source", "n_params": "non-embedding params",
                                             "effective_excl_teacher": "excl. teacher"}),
                        ["size", "arch", "non-embedding params", "n_seeds", "effective-compute multiplier",
-                        "incl. source", *(["excl. teacher"] if teacher else [])], floatfmt="{:.3g}"))  # fmt: skip
+                        "incl. source", *(["excl. teacher"] if teacher else [])], floatfmt=".3g"))  # fmt: skip
     if teacher:
         md += ["", "Distilled runs: the multiplier counts the teacher's forward FLOPs on the XATL side (they were "
                "spent); *excl. teacher* leaves them out (the student's FLOPs alone).", ""]
@@ -303,7 +313,7 @@ def _effective_section(eff: pd.DataFrame, summ: pd.DataFrame, trend: pd.DataFram
     if not ext.empty:
         md += ["", "Extrapolated (not measured):", ""]
         md.append(md_table(ext.assign(arch=[variant_label(r) for _, r in ext.iterrows()]),
-                           ["arch", "size", "n_params", "multiplier", "ci_low", "ci_high"], floatfmt="{:.3g}"))  # fmt: skip
+                           ["arch", "size", "n_params", "multiplier", "ci_low", "ci_high"], floatfmt=".3g"))  # fmt: skip
     return md + [""]
 
 
@@ -326,6 +336,125 @@ def _sources_section(df: pd.DataFrame, sources: set[str]) -> list[str]:
     return md + [md_table(pd.DataFrame(rows)), ""]
 
 
+# -- where the runs come from: run folders, or a committed report's parquet --------------------------
+@dataclass
+class SweepData:
+    """What a report is built from. ``mode``: ``runs`` (run folders), ``parquet``
+    (results.parquet and curves.parquet of an earlier report: an exact rebuild) or ``tables``
+    (results.parquet without curves.parquet: the per-pairing tables of that report are read,
+    not recomputed, since their inputs -- the per-run curves -- are not there)."""
+
+    df: pd.DataFrame
+    curves: dict[str, pd.DataFrame]
+    events: dict[str, list[dict]]
+    n_params: dict[str, float]
+    skipped: list = field(default_factory=list)
+    mode: str = "runs"
+    #: the sweep the runs were trained in (the folder's name for run folders)
+    origin: str = ""
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+
+#: what a ``tables`` rebuild reads from an earlier report, besides results.parquet
+_TABLES = {"savings": "savings.csv", "effective": "effective.csv", "effective_summary": "effective_summary.csv",
+           "effective_curves": "effective_curves.csv", "savings_curves": "savings_curves.csv"}  # fmt: skip
+_CURVE_COLS = ["step", "tokens", "flops", "student_flops", "wall_time", "val_loss"]
+
+
+def curves_frame(curves: Mapping[str, pd.DataFrame], events: Mapping[str, list[dict]]) -> pd.DataFrame:
+    """Every run's validation curve (rows ``kind == "val"``) and unfreeze events (``kind ==
+    "unfreeze"``, the event as JSON in ``event``) in one long table: what curves.parquet holds
+    so that a report rebuilds without the run folders."""
+    parts = []
+    for run, c in curves.items():
+        if c is not None and len(c):
+            parts.append(c[[k for k in _CURVE_COLS if k in c]].astype(float).assign(run=run, kind="val"))
+        for e in events.get(run, []):
+            parts.append(pd.DataFrame([{"run": run, "kind": "unfreeze", "step": float(e.get("step", math.nan)),
+                                        "flops": float(e.get("flops", math.nan)), "tokens": float(e.get("tokens", math.nan)),
+                                        "event": json.dumps(e, default=str)}]))  # fmt: skip
+    cols = ["run", "kind", *_CURVE_COLS, "event"]
+    return pd.concat(parts, ignore_index=True).reindex(columns=cols) if parts else pd.DataFrame(columns=cols)
+
+
+def _read_curves(path: Path) -> tuple[dict[str, pd.DataFrame], dict[str, list[dict]]]:
+    cf = pd.read_parquet(path)
+    curves, events = {}, {}
+    for run, g in cf.groupby("run", sort=False):
+        v = g[g["kind"] == "val"]
+        curves[run] = v[[k for k in _CURVE_COLS if k in v and v[k].notna().any()]].reset_index(drop=True)
+        events[run] = [json.loads(e) for e in g.loc[g["kind"] == "unfreeze", "event"]]
+    return curves, events
+
+
+def _origin(df: pd.DataFrame, fallback: str) -> str:
+    """The folder the runs were trained in: ``run_dir`` without its ``run`` suffix."""
+    roots = {d[: -len(r)].rstrip("/") for d, r in zip(df.get("run_dir", []), df.get("run", []))
+             if isinstance(d, str) and isinstance(r, str) and d.endswith(r) and len(d) > len(r)}  # fmt: skip
+    return roots.pop() if len(roots) == 1 else fallback
+
+
+def load_sweep(sweep_dir: str | Path, *, allow_empty: bool = False) -> SweepData:
+    """The runs under ``sweep_dir``; where there are none, the report committed there
+    (results.parquet, with curves.parquet for an exact rebuild). FileNotFoundError when there
+    is neither (unless ``allow_empty``: a sweep whose runs have not started)."""
+    sweep_dir = Path(sweep_dir)
+    records, skipped = load_runs(sweep_dir)
+    if records:
+        df = results_table(sweep_dir, records)
+        n_params = _nonembed_params(records, df["run"])
+        df["n_params"] = [n_params.get(r, math.nan) for r in df["run"]]
+        return SweepData(df, {r: rec.val_curve for rec, r in zip(records, df["run"])},
+                         {r: rec.unfreeze_events for rec, r in zip(records, df["run"])}, n_params, skipped,
+                         origin=str(sweep_dir))  # fmt: skip
+    pq = sweep_dir / "results.parquet"
+    if not pq.is_file():
+        if allow_empty or skipped:
+            return SweepData(pd.DataFrame(), {}, {}, {}, skipped, origin=str(sweep_dir))
+        raise FileNotFoundError(f"{sweep_dir} holds no run folders and no results.parquet: nothing to report (point "
+                                "at a sweep's folder, or at a folder an earlier `xatl-ds report` wrote)")  # fmt: skip
+    df = pd.read_parquet(pq)
+    n_params = ({r: float(v) for r, v in zip(df["run"], df["n_params"]) if _finite(v)} if "n_params" in df else {})
+    origin = _origin(df, str(sweep_dir))
+    if (sweep_dir / "curves.parquet").is_file():
+        curves, events = _read_curves(sweep_dir / "curves.parquet")
+        return SweepData(df, curves, events, n_params, skipped, "parquet", origin)
+    lacking = [f for f in _TABLES.values() if not (sweep_dir / f).is_file()]
+    if lacking:
+        raise FileNotFoundError(f"{sweep_dir} has results.parquet but neither run folders, curves.parquet nor the "
+                                f"tables of an earlier report ({', '.join(lacking)} missing): the per-run validation "
+                                "curves are needed to rebuild it")  # fmt: skip
+    dtypes = {"attention_layers": str}
+    tables = {k: pd.read_csv(sweep_dir / f, dtype=dtypes) if (sweep_dir / f).stat().st_size > 1 else pd.DataFrame()
+              for k, f in _TABLES.items()}  # an empty table is written as one newline
+    return SweepData(df, {}, {}, n_params, skipped, "tables", origin, tables)
+
+
+def _provenance(data: SweepData, sweep_dir: Path) -> list[str]:
+    if data.mode == "parquet":
+        return [f"Rebuilt from `{sweep_dir}`: results.parquet and curves.parquet (the run folders are not here); "
+                "every number and figure is recomputed from them.", ""]  # fmt: skip
+    if data.mode == "tables":
+        return [f"Rebuilt from `{sweep_dir}` without the run folders and without curves.parquet: the per-run "
+                "validation curves were not committed with this report, so the per-pairing tables (effective.csv, "
+                "effective_summary.csv, effective_curves.csv, savings.csv, savings_curves.csv) are read as the run "
+                "folders gave them, the aggregates over seeds of the paper's definition, the size trend and the "
+                "benchmark deltas are recomputed from them and results.parquet, and the loss-curve figures are the "
+                "ones drawn from the run folders.", ""]  # fmt: skip
+    return []
+
+
+def _kept_figure(sweep_dir: Path, figs: Path, name: str) -> Path | None:
+    """A figure of an earlier report, kept (copied when the output folder is another)."""
+    src = sweep_dir / "figures" / name
+    if not src.is_file():
+        return None
+    dst = figs / name
+    if src.resolve() != dst.resolve():
+        shutil.copyfile(src, dst)
+    return dst
+
+
 def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *,
                  source_flops: float | Mapping[str, float] | None = None, expected: Iterable[str] | None = None,
                  eval_tasks: Iterable[str] | None = None, ema: float = 0.0, n_boot: int = 2000,
@@ -341,20 +470,20 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *,
         raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
     out = Path(out_dir) if out_dir is not None else sweep_dir
     figs = out / "figures"
+    data = load_sweep(sweep_dir, allow_empty=bool(_expected_dirs(expected)))
+    df, curves, events, skipped, n_params = data.df, data.curves, data.events, data.skipped, data.n_params
+    tables = data.mode == "tables"
     figs.mkdir(parents=True, exist_ok=True)
-    records, skipped = load_runs(sweep_dir)
-    df = results_table(sweep_dir, records)
-    curves = {}
-    events = {}
-    if not df.empty:
-        for rec, run in zip(records, df["run"]):
-            curves[run] = rec.val_curve
-            events[run] = rec.unfreeze_events
     if not df.empty:
         df.to_csv(out / "results.csv", index=False)
         df.to_parquet(out / "results.parquet", index=False)
+        if not tables:
+            curves_frame(curves, events).to_parquet(out / "curves.parquet", index=False)
     sources = _source_runs(df, sweep_dir) if not df.empty else set()
-    sav = savings_table(df, curves, source_flops=source_flops, ema=ema) if not df.empty else pd.DataFrame()
+    if tables:
+        sav = data.tables["savings"]
+    else:
+        sav = savings_table(df, curves, source_flops=source_flops, ema=ema) if not df.empty else pd.DataFrame()
     sav.to_csv(out / "savings.csv", index=False)
     agg = aggregate_savings(sav, n_boot=n_boot) if not sav.empty else pd.DataFrame()
     if not agg.empty:
@@ -365,9 +494,12 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *,
 
     # effective compute: per pairing, over seeds (finished XATL runs only: a partial run's
     # budget is not the one planned), and against size
-    eff, ems = (effective_table(sav, curves, n_params=_nonembed_params(records, df["run"]), fit_boot=fit_boot, ema=ema)
-                if not sav.empty else (pd.DataFrame(), []))  # fmt: skip
-    if not eff.empty:
+    if tables:
+        eff, ems = data.tables["effective"], []
+    else:
+        eff, ems = (effective_table(sav, curves, n_params=n_params, fit_boot=fit_boot, ema=ema)
+                    if not sav.empty else (pd.DataFrame(), []))  # fmt: skip
+    if not eff.empty and not tables:
         eff["effective"] = [effective_phrase(r["multiplier"], r["fit_ci_low"], r["fit_ci_high"], r["method"],
                                              r["extrapolation_factor"]) for _, r in eff.iterrows()]  # fmt: skip
         eff["effective_incl_source"] = [
@@ -380,19 +512,23 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *,
         src = em.source_flops if math.isfinite(em.source_flops) else None
         c = effective_compute(curves[r["scratch_run"]], curves[r["xatl_run"]], source_flops=src, fit=em.fit, ema=ema)
         ecurves.append(c.assign(xatl_run=r["xatl_run"], scratch_run=r["scratch_run"]))
+    ecurves = [data.tables["effective_curves"]] if tables else ecurves
     (pd.concat(ecurves, ignore_index=True) if ecurves else pd.DataFrame()).to_csv(out / "effective_curves.csv", index=False)
     done = (eff["xatl_state"] == "done").to_numpy() if not eff.empty else []
     eff_done = eff[done] if not eff.empty else eff
-    summ = aggregate_effective(eff_done.reset_index(drop=True), [m for m, d in zip(ems, done) if d], SUMMARY_KEYS,
-                               n_boot=n_boot) if len(eff_done) else pd.DataFrame()  # fmt: skip
-    if not summ.empty:
+    if tables:  # the over-seeds intervals need each pairing's fit replicates, which no table holds
+        summ = data.tables["effective_summary"]
+    else:
+        summ = aggregate_effective(eff_done.reset_index(drop=True), [m for m, d in zip(ems, done) if d], SUMMARY_KEYS,
+                                   n_boot=n_boot) if len(eff_done) else pd.DataFrame()  # fmt: skip
+    if not summ.empty and not tables:
         order = [k for k in TREND_KEYS if k in summ] + ["n_params"]  # sizes ascending within each architecture
         summ = summ.sort_values(order, na_position="last", kind="stable").reset_index(drop=True)
         summ["effective"] = [effective_summary_phrase(r) for _, r in summ.iterrows()]
         summ["effective_incl_source"] = [effective_summary_phrase(r, "effective_incl_source")
                                          for _, r in summ.iterrows()]  # fmt: skip
-    if not summ.empty:
-        summ["effective_excl_teacher"] = _excl_teacher(df, sav, curves, records, summ, fit_boot, ema, n_boot)
+    if not summ.empty and not tables:
+        summ["effective_excl_teacher"] = _excl_teacher(df, sav, curves, n_params, summ, fit_boot, ema, n_boot)
     summ.to_csv(out / "effective_summary.csv", index=False)
     trend, trends, no_trend = trend_table(eff_done, TREND_KEYS, targets=_pythia_targets(), n_boot=n_boot)
     if not summ.empty and (not trend.empty or trends):
@@ -408,31 +544,34 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *,
         trend.insert(0, "label", [variant_label(r) for _, r in trend.iterrows()])
     trend.to_csv(out / "size_trend.csv", index=False)
 
-    scurves, scurve_rows = {}, []
-    for _, p in sav.iterrows():
-        c = savings_curve(curves[p["scratch_run"]], curves[p["xatl_run"]], ema=ema)
-        name = f"{p['size']} {arch_label(p)} s{p['seed']} ({p['freeze_policy']})"
-        k = 2
-        while name in scurves:  # variants that differ in columns not in the label
-            name = f"{p['size']} {arch_label(p)} s{p['seed']} ({p['freeze_policy']}) #{k}"
-            k += 1
-        scurves[name] = c
-        scurve_rows.append(c.assign(xatl_run=p["xatl_run"], scratch_run=p["scratch_run"]))
-    (pd.concat(scurve_rows) if scurve_rows else pd.DataFrame()).to_csv(out / "savings_curves.csv", index=False)
+    if tables:
+        scurves = data.tables["savings_curves"]
+    else:
+        scurve_rows = [savings_curve(curves[p["scratch_run"]], curves[p["xatl_run"]], ema=ema).assign(
+            xatl_run=p["xatl_run"], scratch_run=p["scratch_run"]) for _, p in sav.iterrows()]  # fmt: skip
+        scurves = pd.concat(scurve_rows, ignore_index=True) if scurve_rows else pd.DataFrame()
+    scurves.to_csv(out / "savings_curves.csv", index=False)
+    label_cols = [c for c in ("xatl_run", "scratch_run", *PAIR_KEYS, *VARIANT_KEYS) if c in sav]
+    scurves_plot = (scurves.merge(sav[label_cols], on=["xatl_run", "scratch_run"], how="left")
+                    if not scurves.empty else scurves)  # fmt: skip
     deltas = benchmark_deltas(df) if not df.empty else pd.DataFrame()
     deltas.to_csv(out / "benchmark_deltas.csv", index=False)
 
-    f1 = plot_loss_vs_flops(df, curves, events, figs / "loss_vs_flops.png", sources=sources)
+    if tables:  # no per-run curves: the loss figures drawn from the run folders are kept as they are
+        f1, f6 = (_kept_figure(sweep_dir, figs, n) for n in ("loss_vs_flops.png", "loss_vs_tokens.png"))
+    else:
+        f1 = plot_loss_vs_flops(df, curves, events, figs / "loss_vs_flops.png", sources=sources)
+        f6 = plot_loss_vs_tokens(df, curves, figs / "loss_vs_tokens.png", sources=sources) if not df.empty else None
     f2 = plot_savings_vs_size(agg, df, figs / "savings_vs_size.png")
-    f3 = plot_savings_curves(scurves, figs / "savings_vs_target_loss.png")
-    f4 = plot_benchmark_deltas(deltas, figs / "benchmark_deltas.png")
+    f3 = plot_savings_curves(scurves_plot, figs / "savings_vs_target_loss.png", sizes=_size_order(df))
+    f4 = plot_benchmark_deltas(deltas, figs / "benchmark_deltas.png", sizes=_size_order(df))
     f5 = plot_effective_vs_size(trend, figs / "effective_vs_size.png")
-    f6 = plot_loss_vs_tokens(df, curves, figs / "loss_vs_tokens.png", sources=sources) if not df.empty else None
 
     tasks = list(eval_tasks) if eval_tasks is not None else sorted(
         {c.split("/")[1] for c in df.columns if c.startswith("eval/")} if not df.empty else set())  # fmt: skip
     miss = missing_items(df, _expected_dirs(expected), tasks)
-    md = [f"# XATL sweep report: {sweep_dir}", "", f"_generated {time.strftime('%Y-%m-%d %H:%M')}_", ""]
+    md = [f"# XATL sweep report: {data.origin}", "", f"_generated {time.strftime('%Y-%m-%d %H:%M')}_", ""]
+    md += _provenance(data, sweep_dir)
     n_done = int((df["state"] == "done").sum()) if not df.empty else 0
     md += [f"{len(df)} runs found ({n_done} done), {len(sav)} XATL/scratch pairings.", ""]
     md += _effective_section(eff, summ, trend, trends, no_trend, f5)
@@ -462,8 +601,15 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *,
                                  "source_flops", "savings_flops_incl_source"]))  # fmt: skip
     else:
         md.append("_No XATL run has a scratch baseline with a validation curve yet._\n")
-    md += ["", f"![validation loss vs FLOPs](figures/{f1.name})", "",
-           f"![savings vs model size](figures/{f2.name})", "",
+    if f1 is not None:
+        md += ["", f"![validation loss vs FLOPs](figures/{f1.name})", "",
+               "*Validation loss against training FLOPs, one panel per size: the mean over seeds with a faint band "
+               "from the lowest to the highest seed; XATL solid, its scratch baseline dashed in the same colour, the "
+               "source dotted black, circles where LIT unfroze a stage.*"]  # fmt: skip
+    md += ["", f"![savings vs model size](figures/{f2.name})", "",
+           "*The paper's definition by size, a secondary measure kept apart from the effective-compute headline "
+           "above: each point is the mean over seeds with its bootstrap interval; an upward arrow is a lower bound "
+           "(XATL was already below the target at its first evaluation), so no line joins the sizes.*", "",
            "A single ratio at the scratch run's final loss flatters short budgets; the curve shows the ratio for "
            "every target from the loss the XATL run starts at down to the scratch run's final loss.", "",
            f"![savings vs target loss](figures/{f3.name})", ""]  # fmt: skip
@@ -505,9 +651,9 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *,
     for k, items in miss.items():
         if items:
             md += [f"**{labels[k]}** ({len(items)}):", ""] + [f"- {x}" for x in items] + [""]
-    md += ["", "Files: results.csv, results.parquet, effective.csv, effective_summary.csv, effective_curves.csv, "
-           "size_trend.csv, savings.csv, "
-           "savings_summary.csv, savings_curves.csv, benchmark_deltas.csv, figures/."]  # fmt: skip
+    md += ["", "Files: results.csv, results.parquet, " + ("" if tables else "curves.parquet, ") + "effective.csv, "
+           "effective_summary.csv, effective_curves.csv, size_trend.csv, savings.csv, savings_summary.csv, "
+           "savings_curves.csv, benchmark_deltas.csv, figures/."]  # fmt: skip
     path = out / "report.md"
     path.write_text("\n".join(md) + "\n")
     return path

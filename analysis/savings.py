@@ -31,6 +31,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 __all__ = [
     "PAIR_KEYS", "aggregate_savings", "benchmark_deltas", "compute_to_reach", "pair_runs", "savings_curve",
@@ -209,14 +210,16 @@ def savings_table(df: pd.DataFrame, curves: Mapping[str, pd.DataFrame], *,
 
 # -- seeds -----------------------------------------------------------------------------------------
 def bootstrap_ci(values: Iterable[float], *, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of ``values`` (NaN with fewer than 2 values)."""
+    """Percentile bootstrap CI of the mean of ``values`` (``scipy.stats.bootstrap``; NaN with
+    fewer than 2 finite values)."""
     v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
     if len(v) < 2:
         return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
-    a = (1 - level) / 2
-    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+    if np.ptp(v) == 0:  # every resample has the same mean; scipy warns about the degenerate case
+        return float(v[0]), float(v[0])
+    res = stats.bootstrap((v,), np.mean, n_resamples=n_boot, confidence_level=level, method="percentile",
+                          vectorized=True, rng=np.random.default_rng(seed))  # fmt: skip
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def aggregate_savings(sav: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:

@@ -4,9 +4,9 @@
 e.g. from the ``xatl_ds/sizes.py`` dimensions) to per-size, per-seed multipliers, by ordinary
 least squares on each size's mean log-multiplier. ``b > 0``: savings grow with size (what
 transfer scaling laws predict); ``b < 0``: they shrink (what upcycling finds at large
-compute). The interval of ``b`` is a percentile bootstrap that resamples the seeds within each
-size (stratified), so it reflects seed noise, not how well a straight line in log-log describes
-sizes that were never run. :meth:`SizeTrend.extrapolate` predicts the multiplier at another
+compute). The interval of ``b`` is a percentile bootstrap (``scipy.stats.bootstrap``) that
+resamples the seeds within each size (stratified), so it reflects seed noise, not how well a
+straight line in log-log describes sizes that were never run. :meth:`SizeTrend.extrapolate` predicts the multiplier at another
 size with the same bootstrap; outside the measured sizes it is flagged ``extrapolated`` and is
 only as good as the assumption that the power law continues.
 """
@@ -18,8 +18,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
-from .effective import POINT_METHODS, percentile_interval
+from .effective import POINT_METHODS
 
 __all__ = ["SizeTrend", "TrendPoint", "size_trend", "trend_table"]
 
@@ -65,17 +66,18 @@ class SizeTrend:
             raise ValueError(f"n_params={n_params} must be a positive number of parameters")
         lo = hi = math.nan
         if len(self.boot):
-            lo, hi = percentile_interval(np.exp(self.boot[:, 0] + self.boot[:, 1] * math.log(n_params)), self.level)
+            a = (1 - self.level) / 2  # the same percentile rule as scipy.stats.bootstrap's interval of b
+            lo, hi = (float(v) for v in np.quantile(np.exp(self.boot[:, 0] + self.boot[:, 1] * math.log(n_params)),
+                                                    [a, 1 - a]))  # fmt: skip
         outside = n_params < self.sizes[0] * (1 - 1e-9) or n_params > self.sizes[-1] * (1 + 1e-9)
         return TrendPoint(n_params=float(n_params), multiplier=self.predict(n_params), ci_low=lo, ci_high=hi,
                           extrapolated=bool(outside))  # fmt: skip
 
 
 def _ols(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Intercepts and slopes of y ~ x for each row of ``y`` (x shared)."""
-    xm = x.mean()
-    b = ((x - xm) * (y - y.mean(axis=-1, keepdims=True))).sum(axis=-1) / ((x - xm) ** 2).sum()
-    return y.mean(axis=-1) - b * xm, b
+    """Intercepts and slopes of y ~ x for each row of ``y`` (x shared): ``scipy.stats.linregress``."""
+    r = stats.linregress(np.broadcast_to(x, np.shape(y)), y, axis=-1)
+    return np.asarray(r.intercept), np.asarray(r.slope)
 
 
 def size_trend(sizes_nonembed_params: Sequence[float], multipliers_per_size: Sequence[Iterable[float]], *,
@@ -105,13 +107,23 @@ def size_trend(sizes_nonembed_params: Sequence[float], multipliers_per_size: Seq
     a, b = (float(v) for v in _ols(x, y))
     boot = np.empty((0, 2))
     lo = hi = math.nan
-    if any(len(g[1]) > 1 for g in groups):
-        rng = np.random.default_rng(seed)
-        # stratified: each size's seeds are resampled among themselves
-        yb = np.stack([g[1][rng.integers(0, len(g[1]), (n_boot, len(g[1])))].mean(axis=1) for g in groups], axis=1)
-        ab, bb = _ols(x, yb)
-        boot = np.stack([ab, bb], axis=1)
-        lo, hi = percentile_interval(bb, level)
+    multi = [k for k, g in enumerate(groups) if len(g[1]) > 1]
+    if multi:
+        # stratified: each size's seeds are resampled among themselves (scipy resamples every
+        # sample passed to it independently); a size with one seed enters as its constant
+        def statistic(*resampled, axis=-1):
+            means = [g[1].mean() for g in groups]
+            cols = [np.broadcast_to(means[k], resampled[0].shape[:-1]) for k in range(len(groups))]
+            for k, r in zip(multi, resampled):
+                cols[k] = r.mean(axis=axis)
+            ab = _ols(x, np.stack(cols, axis=-1))
+            return np.stack(ab)
+
+        res = stats.bootstrap(tuple(groups[k][1] for k in multi), statistic, n_resamples=n_boot,
+                              confidence_level=level, method="percentile", vectorized=True, paired=False,
+                              rng=np.random.default_rng(seed))  # fmt: skip
+        boot = np.asarray(res.bootstrap_distribution).T.reshape(-1, 2)
+        lo, hi = (float(v) for v in (res.confidence_interval.low[1], res.confidence_interval.high[1]))
     return SizeTrend(a=a, b=b, b_ci_low=lo, b_ci_high=hi, level=level, sizes=tuple(sizes.tolist()),
                      log_mean=tuple(y.tolist()), n_seeds=tuple(len(g[1]) for g in groups), boot=boot)  # fmt: skip
 

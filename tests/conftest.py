@@ -152,7 +152,7 @@ def train_env() -> dict:
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     env["OMP_NUM_THREADS"] = "1"
-    env["XATL_NO_PROGRESS"] = "1"
+    env["TQDM_DISABLE"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

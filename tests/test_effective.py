@@ -7,6 +7,10 @@ reaches at m*b, so the effective-compute multiplier is m everywhere. Scratch run
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import types
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,7 +20,7 @@ from analysis.effective import (
     METHODS, FitError, aggregate_over_seeds, effective_compute, effective_multiplier, fit_scratch_curve,
     percentile_interval,
 )  # fmt: skip
-from analysis.trend import size_trend
+from analysis.trend import size_trend, trend_table
 
 E, A, ALPHA = 2.0, 1.0e4, 0.3  # a power law in raw FLOPs; L(1e15) ~ 2.03 + ...
 B = 1.0e15  # XATL budget
@@ -52,7 +56,7 @@ def test_fit_recovers_a_noise_free_power_law_and_inverts_it():
     assert fit.A == pytest.approx(A, rel=1e-2) and fit.rmse < 1e-6
     assert fit.n_dropped == 2  # step 0 and the plateau point
     assert fit.inverse(true_loss(3e16)) == pytest.approx(3e16, rel=1e-3)
-    assert fit.inverse(E) == math.inf and fit.inverse(E - 0.5) == math.inf and math.isnan(fit.inverse(math.nan))
+    assert fit.inverse(fit.E) == math.inf and fit.inverse(E - 0.5) == math.inf and math.isnan(fit.inverse(math.nan))
     assert fit.predict(fit.inverse(2.5)) == pytest.approx(2.5)
     # the default warmup rule leaves out C < 0.1 * C_max
     assert fit_scratch_curve(c, loss).flops.min() >= 0.1 * c.max()
@@ -176,3 +180,111 @@ def test_size_trend_from_measured_multipliers():
                          for s in range(3)])  # fmt: skip
     tr = size_trend(sizes, per_size)
     assert tr.b == pytest.approx(0.2, rel=0.05) and tr.b_ci_low < 0.2 < tr.b_ci_high
+
+
+# -- the scipy numerics against the hand-written ones they replaced, on the committed results -----
+#: the last commit with the hand-written fit (log grid + golden section), percentile bootstraps
+#: and OLS; its modules are loaded from git and run on the same inputs as the current ones
+_OLD_REV = "842678a"
+_REPO = Path(__file__).resolve().parent.parent
+_COMMITTED = [_REPO / "docs" / "results" / d for d in ("cpu_ladder", "cpu_ladder_pilot", "recipes")]
+
+
+@pytest.fixture(scope="module")
+def old_analysis():
+    """analysis.savings / effective / trend as of ``_OLD_REV``, imported as a package of their
+    own (``_old_analysis``); skipped where git or that commit is not available."""
+    pkg = types.ModuleType("_old_analysis")
+    pkg.__path__ = []
+    mods = {}
+    try:
+        for name in ("savings", "effective", "trend"):
+            src = subprocess.run(["git", "show", f"{_OLD_REV}:analysis/{name}.py"], cwd=_REPO, capture_output=True,
+                                 text=True, check=True).stdout  # fmt: skip
+            sys.modules.setdefault("_old_analysis", pkg)
+            mods[name] = sys.modules[f"_old_analysis.{name}"] = types.ModuleType(f"_old_analysis.{name}")
+            mods[name].__package__ = "_old_analysis"
+            exec(compile(src, f"{_OLD_REV}:analysis/{name}.py", "exec"), mods[name].__dict__)
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"the old analysis code is not available from git ({e})")
+    yield mods
+    for name in list(sys.modules):
+        if name == "_old_analysis" or name.startswith("_old_analysis."):
+            del sys.modules[name]
+
+
+def _committed_curves(root: Path):
+    """Per pairing of a committed report: the XATL curve (its running minimum at every
+    evaluation, effective_curves.csv) and points of the scratch curve's running minimum
+    (savings_curves.csv's scratch FLOPs at each target loss and effective_curves.csv's
+    interpolated rows): the raw curves are not committed, these are the curves that are."""
+    ec, sc = pd.read_csv(root / "effective_curves.csv"), pd.read_csv(root / "savings_curves.csv")
+    for (xr, sr), g in ec.groupby(["xatl_run", "scratch_run"]):
+        s1 = sc[(sc["xatl_run"] == xr) & (sc["scratch_run"] == sr)][["scratch", "target"]]
+        s2 = g.loc[g["method"] == "interpolated", ["scratch_flops", "xatl_loss"]]
+        scratch = pd.concat([s1.set_axis(["flops", "val_loss"], axis=1), s2.set_axis(["flops", "val_loss"], axis=1)])
+        xatl = pd.DataFrame({"flops": g["budget"].to_numpy(), "val_loss": g["xatl_loss"].to_numpy()})
+        yield xatl, scratch.dropna().sort_values("flops"), float(g["source_flops"].iloc[0])
+
+
+@pytest.mark.parametrize("root", _COMMITTED, ids=lambda p: p.name)
+def test_scipy_fit_matches_the_old_fit_on_committed_curves(old_analysis, root):
+    """The scipy fit (minimize_scalar on the profiled alpha) against the old grid + golden
+    section: parameters within 1e-5 relative (measured: <= 4e-7), multipliers within 1e-6
+    (measured: <= 8e-8) and their fit intervals within 1e-5 (measured: <= 4e-7); the methods
+    identical. The new fit's residuals are never larger than the old one's by more than 1e-9."""
+    old = old_analysis["effective"]
+    olds, news = [], []
+    for xatl, scratch, src in _committed_curves(root):
+        fo, fn = old.fit_scratch_curve(xatl["flops"], xatl["val_loss"]), fit_scratch_curve(xatl["flops"], xatl["val_loss"])
+        for k in ("E", "A", "alpha"):
+            assert getattr(fn, k) == pytest.approx(getattr(fo, k), rel=1e-5, abs=1e-9), k
+        assert fn.rmse <= fo.rmse * (1 + 1e-9)
+        mo = old.effective_multiplier(scratch, xatl, source_flops=src, n_boot=40, seed=3)
+        mn = effective_multiplier(scratch, xatl, source_flops=src, n_boot=40, seed=3)
+        assert mn.method == mo.method
+        for k in ("multiplier", "multiplier_incl_source", "scratch_flops"):
+            assert getattr(mn, k) == pytest.approx(getattr(mo, k), rel=1e-6, nan_ok=True), k
+        assert (mn.fit_ci_low, mn.fit_ci_high) == pytest.approx((mo.fit_ci_low, mo.fit_ci_high), rel=1e-5, nan_ok=True)
+        olds.append(mo)
+        news.append(mn)
+    assert len(news) >= 24 and any(m.method == "extrapolated" for m in news)
+    # the over-seeds aggregate is the same code on both sides: it sees the same replicates
+    ao, an = old.aggregate_over_seeds(olds, n_boot=500), aggregate_over_seeds(news, n_boot=500)
+    assert (an.mean, an.ci_low, an.ci_high) == pytest.approx((ao.mean, ao.ci_low, ao.ci_high), rel=1e-5)
+
+
+@pytest.mark.parametrize("root", _COMMITTED, ids=lambda p: p.name)
+def test_scipy_bootstraps_and_regression_match_the_old_ones_on_committed_tables(old_analysis, root):
+    """savings_summary from savings.csv: scipy.stats.bootstrap draws the same resamples from
+    the same seed and takes the same linear quantile, so every mean and interval agrees to
+    1e-12. The size trend from effective.csv: linregress gives the same a, b and fitted
+    multipliers to 1e-12; the stratified bootstrap draws the same replicates where every size has
+    two or more seeds, and the interval of b moves only by reading a linearly interpolated quantile
+    instead of the neighbouring order statistic (measured: <= 4e-4 in b, <= 5e-4 relative in the
+    multiplier's interval; allowed: 2e-3)."""
+    from analysis.report import TREND_KEYS
+    from analysis.savings import aggregate_savings
+
+    sav = pd.read_csv(root / "savings.csv")
+    so, sn = old_analysis["savings"].aggregate_savings(sav), aggregate_savings(sav)
+    cols = [c for c in so if c.endswith(("_mean", "_ci_low", "_ci_high"))]
+    np.testing.assert_allclose(sn[cols].to_numpy(float), so[cols].to_numpy(float), rtol=1e-12, atol=1e-12)
+
+    eff = pd.read_csv(root / "effective.csv")
+    eff = eff[eff["xatl_state"] == "done"]
+    (to, tro, _), (tn, trn, _) = old_analysis["trend"].trend_table(eff, TREND_KEYS), trend_table(eff, TREND_KEYS)
+    assert len(tn) == len(to) > 0 and trn.keys() == tro.keys()
+    for c in ("multiplier", "b"):
+        np.testing.assert_allclose(tn[c].to_numpy(float), to[c].to_numpy(float), rtol=1e-12)
+    for c in ("b_ci_low", "b_ci_high"):
+        np.testing.assert_allclose(tn[c].to_numpy(float), to[c].to_numpy(float), atol=2e-3)
+    for c in ("ci_low", "ci_high"):
+        np.testing.assert_allclose(tn[c].to_numpy(float), to[c].to_numpy(float), rtol=2e-3)
+    for key, new in trn.items():
+        old = tro[key]
+        if min(old.n_seeds) > 1:  # the same replicates; each end of b's interval between two order statistics
+            np.testing.assert_allclose(new.boot, old.boot, rtol=1e-9, atol=1e-12)
+            s, a, eps = np.sort(old.boot[:, 1]), 0.025 * (len(old.boot) - 1), 1e-12  # eps: rounding of the OLS
+            assert s[math.floor(a)] - eps <= new.b_ci_low <= s[math.ceil(a)] + eps
+            assert s[math.floor(len(s) - 1 - a)] - eps <= new.b_ci_high <= s[math.ceil(len(s) - 1 - a)] + eps

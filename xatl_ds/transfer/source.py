@@ -42,33 +42,18 @@ def _looks_local(src: str) -> bool:
 
 
 def check_safetensors_file(path: Path) -> None:
-    """SourceLoadError unless ``path`` is a complete safetensors file: the 8-byte header
-    length, the JSON header and the tensor data it describes must fill the file exactly."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise SourceLoadError(f"source weights file {str(path)!r} is truncated ({size} bytes, not even a safetensors header): {RESAVE}")
-        n = int.from_bytes(head, "little")
-        if 8 + n > size:
-            raise SourceLoadError(
-                f"source weights file {str(path)!r} is truncated or not safetensors: its header claims {n} bytes "
-                f"but the file has {size}: {RESAVE}"
-            )
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SourceLoadError(f"source weights file {str(path)!r} has a corrupt safetensors header ({e}): {RESAVE}") from None
+    """SourceLoadError unless ``path`` is a complete safetensors file: ``safetensors.safe_open``
+    reads its header and checks that the tensor data it describes fills the file exactly."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
-        raise SourceLoadError(f"source weights file {str(path)!r} has a malformed safetensors header: {RESAVE}") from None
-    if 8 + n + end != size:
-        what = "truncated" if 8 + n + end > size else "longer than its header describes"
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as e:
         raise SourceLoadError(
-            f"source weights file {str(path)!r} is {what}: it has {size} bytes but its header describes "
-            f"{8 + n + end}: {RESAVE}"
-        )
+            f"source weights file {str(path)!r} is truncated or not safetensors ({path.stat().st_size} bytes; "
+            f"safetensors: {e}): {RESAVE}"
+        ) from None
 
 
 def check_source_files(path: Path) -> None:
