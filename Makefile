@@ -24,7 +24,7 @@ EMU_SOURCES := mamba-ssm==2.3.2.post1 causal-conv1d==1.7.0
 # 5.17 is older than ours) with typing_extensions for pydantic.
 GPU_DIR := .gpu
 GPU_WHEELS := transformers==5.24.0 hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
-	typing-inspection==0.4.5 typing_extensions==4.16.0
+	typing-inspection==0.4.5 typing_extensions==4.16.0 regex==2026.11.19
 GPU_PLATFORMS := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
 	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 DEEPSPEED_PIN := $(shell grep -i '^deepspeed==' constraints.txt)
@@ -66,15 +66,15 @@ STUDY_OUT ?= docs/results/cpu_ladder
 study: $(STAMP)
 	$(VENV)/bin/xatl-ds quickstart --sweep cpu_ladder --report-out $(STUDY_OUT) --max-parallel 2
 
-# The Optuna LIT / unfreeze-order studies at the ladder sizes mini and tiny (sweeps/ladder_lit_*.yaml,
+# The Optuna LIT / unfreeze-order studies at the ladder sizes mini and tiny (sweeps/studies/ladder_lit_*.yaml,
 # 20 trials each, two at a time; they transfer from the ladder's sources, so `make study` comes
 # first), then the best setting and the paper's re-trained on 3 fresh seeds each; the comparison
 # (confirm.md, CSVs, every trial) goes to $(OPTUNA_OUT)/<size>/. Rerun to resume.
 OPTUNA_OUT ?= $(STUDY_OUT)/optuna
 study-optuna: $(STAMP)
 	for s in mini tiny; do \
-	  $(VENV)/bin/xatl-ds tune sweeps/ladder_lit_$$s.yaml --workers 2 && \
-	  $(VENV)/bin/xatl-ds tune sweeps/ladder_lit_$$s.yaml --confirm --max-parallel 2 \
+	  $(VENV)/bin/xatl-ds tune sweeps/studies/ladder_lit_$$s.yaml --workers 2 && \
+	  $(VENV)/bin/xatl-ds tune sweeps/studies/ladder_lit_$$s.yaml --confirm --max-parallel 2 \
 	    --report-out $(OPTUNA_OUT)/$$s || exit 1; \
 	done
 

@@ -161,29 +161,88 @@ def test_gpu_check_harness_on_cpu():
 
     p = gpu_check.parity("mamba", "fp32", device="cpu", kernels_b="torch", layers=1, d_model=32, heads=4, vocab=64,
                          batch=1, seq=12, new_tokens=2)  # fmt: skip
-    assert p["ok"] and p["logits_err"] == p["mixer_err"] == p["grad_err_max"] == p["gen_err"] == 0.0
+    assert p["ok"] and p["path_ok"] and p["logits_err"] == p["mixer_err"] == p["grad_err_max"] == p["gen_err"] == 0.0
+    assert p["loss_err"] == 0.0 and set(p["paths"].values()) == {"torch"}
+    # a fast model that runs another path than the one asked for fails, whatever its numbers
+    assert not gpu_check._ran({"MambaMixer": "torch", "loss": "triton"}, "triton")
+    assert not gpu_check._ran({"loss": "triton"}, "triton")  # no mixer recorded a path
+    assert gpu_check._ran({"MambaMixer": "triton", "loss": "torch"}, "triton")
     rows = gpu_check.throughput({"attention": ("attention", None), "mamba2": ("mamba2", None),
                                  "broken": ("mamba", [99])}, device="cpu", dtype="fp32", batch=1, seq=16,
-                                peak_flops=1e11, repeats=1, warmup=1, layers=2, d_model=64, heads=4, vocab=64)  # fmt: skip
+                                peak_flops=1e11, repeats=1, warmup=1, layers=2, d_model=64, heads=4, vocab=64,
+                                kernels="torch")  # fmt: skip
     by = {r["name"]: r for r in rows}
     assert by["attention"]["ratio_vs_attention"] == pytest.approx(1.0) and by["mamba2"]["tokens_per_s"] > 0
-    assert 0 < by["mamba2"]["mfu"] < 1
+    assert 0 < by["mamba2"]["mfu"] < 1 and by["mamba2"]["paths"]["Mamba2Mixer"] == "torch"
+    assert by["mamba2"]["peak_mem_bytes"] is None  # CPU: no allocator statistics
     assert "attention_layers" in by["broken"]["error"]  # reported, not raised
-
-    class A:
-        batch, seq, repeats, dtype, peak_tflops, skip_throughput, emulate = 1, 16, 1, "fp32", 100.0, False, False
+    late = gpu_check.throughput({"attention": ("attention", None)}, device="cpu", dtype="fp32", batch=1, seq=8,
+                                repeats=1, layers=1, d_model=32, heads=4, vocab=64, time_budget=-1)  # fmt: skip
+    assert late == [{"name": "attention", "compiled": False, "error": "skipped: the time budget (-1 s) was spent"}]
 
     info = {"gpu": "G", "torch": "t", "cuda": "c", "transformers": "tf", "xatl_ds": "x", "date": "d",
-            "kernels": {"mamba_ssm": None, "causal_conv1d": None, "triton": None}}  # fmt: skip
-    md = gpu_check.render(info, [], rows, A)
-    assert "mamba-ssm is not installed" in md and "| mamba2 |" in md and "| broken | ValueError" in md
-    info["kernels"]["mamba_ssm"] = "2.2"
-    bad = {"mixer": "mamba2", "dtype": "bf16", "ok": False, "error": "ImportError: x"}
-    md = gpu_check.render(info, [p, bad], rows, A)
-    assert "not installed" not in md and "| mamba | fp32 | torch | 0.00e+00 | 0.00e+00 |" in md and "| mamba2 | bf16 |  | error" in md
-    info["kernels"]["selective_scan_cuda"] = None  # gpu_check stubbed a missing extension
-    md = gpu_check.render(info, [p], rows, A)
-    assert "selective_scan_cuda was not built" in md and "selective_scan_cuda MISSING" in md
+            "kernels": {"triton": "3.6", "mamba_ssm": None, "causal_conv1d": None}}  # fmt: skip
+    bad = {"mixer": "mamba2", "dtype": "bf16", "kernels": "triton", "ok": False, "error": "ImportError: x"}
+    res = {"parity": [p, bad], "cuda_parity": [], "throughput": rows,
+           "settings": {"throughput": {"shape": "S", "dtype": "fp32", "batch": 1, "seq": 16, "repeats": 1,
+                                       "peak_tflops": 100.0}}}  # fmt: skip
+    md = gpu_check.render(info, res)
+    assert "| mamba | fp32 | torch | 0.00e+00 | 0.00e+00 |" in md and "| mamba2 | bf16 | triton | error" in md
+    assert "mamba_ssm missing" in md and "Not run: mamba-ssm does not import here" in md
+    assert "| mamba2 | no |" in md and "| broken | no | ValueError" in md and "Mamba2Mixer: torch" in md
+    assert "## Throughput" not in gpu_check.render(info, {"parity": [p]})  # a section not run is not shown
+
+
+def test_gpu_check_append_keeps_earlier_sections(tmp_path, monkeypatch):
+    """The session runs parity and throughput as two processes: the second adds to the first's JSON."""
+    from benchmarks import gpu_check
+
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_check.torch.cuda, "get_device_name", lambda i=0: "FakeGPU")
+    monkeypatch.setattr(gpu_check, "kernel_status", lambda: {"triton": None, "mamba_ssm": None, "causal_conv1d": None})
+    (tmp_path / "gpu_check.json").write_text(json.dumps({"info": {}, "results": {"parity": [{"mixer": "m", "dtype": "fp32",
+                                                                                       "ok": True, "error": "e"}]}}))
+    monkeypatch.setattr(gpu_check, "throughput", lambda models, **kw: [{"name": n, "error": "x"} for n in models])
+    assert gpu_check.main(["--out", str(tmp_path), "--append", "--skip-parity", "--models", "attention"]) == 0
+    res = json.loads((tmp_path / "gpu_check.json").read_text())["results"]
+    assert res["parity"][0]["mixer"] == "m" and res["throughput"] == [{"name": "attention", "error": "x"}]
+    assert "FakeGPU" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_gpu_trainer_pieces():
+    from benchmarks import gpu_trainer as gt
+
+    assert gt.pad_vocab(50277) == 50304 and gt.pad_vocab(512) == 512 and gt.pad_vocab(513) == 640
+    rows = [{"step": i, "wall_time": w, "flops": 10.0 * i, "tokens": 8 * i} for i, w in
+            enumerate([1.0, 1.5, 2.0, 2.5, 10.0, 10.5, 11.5], start=1)]  # fmt: skip
+    st = gt.step_stats(rows, launch_starts=[0, 4], skip=1, peak_flops=100.0)
+    # dropped: step 1 (the first of launch 1) and 5 (the first of launch 2: its start-up inside)
+    assert st["steps_timed"] == 5 and st["step_s"] == pytest.approx(0.5) and st["tokens_per_s"] == pytest.approx(16)
+    assert st["mfu"] == pytest.approx(10.0 / 0.5 / 100.0)
+    assert gt.step_stats(rows[:1], [0], 1, 1.0) == {"steps_timed": 0}
+    md = gt.render({"info": {"gpu": "G"}, "setting": gt.SETTINGS["gpu"], "peak_tflops": 989,
+                    "errors": [{"stage": "xatl", "error": "RuntimeError: boom"}]})  # fmt: skip
+    assert "12 layers x d 768" in md and "**Error** in xatl" in md
+
+
+@pytest.mark.slow
+def test_gpu_trainer_dry_run(tmp_path):
+    """The device session's trainer section end to end on this CPU: XATL run killed at its
+    checkpoint and resumed, LIT unfreezing inside it, a distillation run, the plain loop."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    r = subprocess.run([sys.executable, "benchmarks/gpu_trainer.py", "--dry-run", "--out", str(tmp_path / "o"),
+                        "--work", str(tmp_path / "w")], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=400)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "o" / "gpu_trainer.json").read_text())
+    x = res["runs"]["xatl"]
+    assert x["resumed_from"] == "step00000006" and [l["what"] for l in x["launches"]] == ["first", "resume"]
+    assert x["summary"]["done"] and x["summary"]["steps"] == 12 and x["summary"]["unfreeze_events"]
+    assert len(x["summary"]["kernel_paths_per_launch"]) == 2
+    assert res["runs"]["distill"]["summary"]["done"] and res["plain"]["step_s"] > 0
+    assert set(res["ratios"]) == {"trainer / plain loop (step time)", "distilled / plain trainer step",
+                                  "distilled trainer step / plain loop"}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA exit")
@@ -193,40 +252,3 @@ def test_gpu_check_script_without_cuda(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "CUDA is not available" in r.stderr
     assert not (tmp_path / "g").exists()  # nothing measured, nothing written
-
-
-def _fake_sdist(folder, name: str, files: list[str]) -> None:
-    import io
-    import tarfile
-
-    with tarfile.open(folder / f"{name}.tar.gz", "w:gz") as tar:
-        for f in files:
-            data = b"// source\n"
-            info = tarfile.TarInfo(f"{name}/{f}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
-def test_build_kernels_plan(tmp_path):
-    """The device-side kernel build finds every source of both packages (the layouts of
-    mamba-ssm 2.3 / causal-conv1d 1.7) and writes the PYTHONPATH it needs; bad input is named."""
-    from benchmarks import build_kernels as bk
-
-    sd = tmp_path / "sdists"
-    sd.mkdir()
-    scan = ["csrc/selective_scan/selective_scan.cpp"] + [
-        f"csrc/selective_scan/selective_scan_{d}_{t}.cu" for d in ("fwd", "bwd") for t in ("fp32", "bf16")
-    ]
-    _fake_sdist(sd, "mamba_ssm-2.3.2", scan + ["csrc/selective_scan/selective_scan.h", "mamba_ssm/__init__.py"])
-    assert bk.main(["--sdists", str(sd), "--build", str(tmp_path / "b"), "--arch", "9.0", "--dry-run"]) == 2  # conv missing
-    _fake_sdist(sd, "causal_conv1d-1.7.0", ["csrc/causal_conv1d.cpp", "csrc/causal_conv1d_fwd.cu", "setup.py"])
-    items = {it["name"]: it for it in bk.plan(sd, tmp_path / "b", "9.0")}
-    assert [os.path.basename(s) for s in items["selective_scan_cuda"]["sources"]] == sorted(os.path.basename(s) for s in scan)
-    assert [os.path.basename(s) for s in items["causal_conv1d_cuda"]["sources"]] == ["causal_conv1d.cpp", "causal_conv1d_fwd.cu"]
-    assert items["selective_scan_cuda"]["include"][0].endswith("csrc/selective_scan")
-    assert bk.main(["--sdists", str(sd), "--build", str(tmp_path / "b"), "--arch", "9.0", "--dry-run"]) == 0
-    env = (tmp_path / "b" / "env.sh").read_text()
-    assert "ext/selective_scan_cuda" in env and "mamba_ssm-2.3.2" in env and "causal_conv1d-1.7.0" in env
-    _fake_sdist(sd, "causal_conv1d-1.6.0", ["csrc/causal_conv1d.cpp"])  # two versions: ambiguous
-    with pytest.raises(bk.BuildError, match="expected one causal_conv1d"):
-        bk.plan(sd, tmp_path / "c", "9.0")

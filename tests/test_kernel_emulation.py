@@ -1,13 +1,14 @@
-"""The CUDA-kernel call sites, run on the CPU (benchmarks/kernel_emulation.py).
-
-mamba-ssm's SSD Triton kernels run under Triton's interpreter; the CUDA extensions' entry
-points are their packages' reference functions behind checks of the extensions' input
-contracts. Each emulated run is a fresh subprocess: the interpreter must be switched on
-before anything imports triton. Needs ``make emulation-deps`` (``make test`` installs it).
+"""gpu_check on the CPU: the project's Triton kernels under Triton's interpreter, compared
+with the torch paths (benchmarks/gpu_check.py --emulate), and the optional mamba-ssm call
+sites through benchmarks/kernel_emulation.py (its CUDA extensions' entry points as their
+packages' reference functions behind checks of the extensions' input contracts). Each
+emulated run is a fresh subprocess: the interpreter must be switched on before anything
+imports triton. The mamba-ssm part needs ``make emulation-deps`` (``make test`` installs it).
 """
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -19,46 +20,79 @@ from conftest import REPO
 
 from benchmarks import kernel_emulation as ke
 
-pytestmark = [
-    pytest.mark.skipif(torch.cuda.is_available(), reason="emulation is for machines without CUDA"),
-    pytest.mark.skipif(any(v is None for v in ke._versions().values()),
-                       reason=f"kernel emulation packages missing: {ke.INSTALL_HINT}"),  # fmt: skip
-]
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="emulation is for machines without CUDA")
+needs_emulation_deps = pytest.mark.skipif(any(v is None for v in ke._versions().values()),
+                                          reason=f"kernel emulation packages missing: {ke.INSTALL_HINT}")  # fmt: skip
 
 
-def _python(code: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def _python(code: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+                          timeout=timeout, env=env)  # fmt: skip
 
 
 def test_gpu_check_emulated_parity(tmp_path):
-    """gpu_check's parity section end to end on the CPU: every row present, passing, and
-    far inside the tolerances (the call sites compute the same function, not a near one)."""
-    r = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--emulate", "--out", str(tmp_path)], cwd=REPO,
-                       capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    """gpu_check's parity section end to end on the CPU: every Triton row present, run on the
+    Triton path, passing, and the fp32 rows far inside the tolerances (the kernels compute
+    the same function, not a near one)."""
+    from benchmarks.gpu_check import EMULATION_DTYPES, PARITY_MIXERS
+
+    r = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--emulate", "--skip-throughput", "--out",
+                        str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900)  # fmt: skip
+    res = json.loads((tmp_path / "gpu_check.json").read_text())["results"]
     rows = {(p["mixer"], p["dtype"]): p for p in res["parity"]}
-    assert set(rows) == {("mamba", "fp32"), ("mamba", "bf16"), ("mamba2", "fp32")}
-    assert all(p["ok"] and p["kernels"] == "cuda" for p in rows.values())
-    for key in (("mamba", "fp32"), ("mamba2", "fp32")):
-        p = rows[key]
-        assert max(p["logits_err"], p["mixer_err"], p["gen_err"]) < 1e-5 and p["grad_err_max"] < 1e-3, p
-    assert res["throughput"] == [] and "Emulated on a CPU" in (tmp_path / "gpu_check.md").read_text()
-    assert "triton" in res["info"]["kernels"] and "interpreter" in res["info"]["kernels"]["triton"]
+    assert set(rows) == {(m, d) for m in PARITY_MIXERS for d in EMULATION_DTYPES}
+    bad = {k: p.get("error") or p for k, p in rows.items() if not p["ok"]}
+    assert not bad, bad
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for (mixer, dtype), p in rows.items():
+        assert p["kernels"] == "triton" and set(p["paths"].values()) == {"triton"}, p["paths"]
+        assert set(p["paths_ref"].values()) == {"torch"}, p["paths_ref"]
+        if dtype == "fp32":
+            assert max(p["loss_err"], p["logits_err"], p["mixer_err"], p["gen_err"]) < 1e-5, p
+            assert p["grad_err_max"] < 1e-3, p
+    assert "throughput" not in res and "Emulated on a CPU" in (tmp_path / "gpu_check.md").read_text()
 
 
-def test_emulation_catches_a_wrong_call():
-    """The harness can fail: a plausible call-site bug (B and C swapped) breaks every parity measure, and a
-    dtype the extension rejects (bf16 delta_bias) raises the contract error."""
+def test_a_wrong_triton_call_fails_parity():
+    """The harness can fail on our kernels: q and k swapped at the Mamba-2 call site of the
+    chunked-scan kernel breaks the parity row."""
     r = _python(
         """
+        import os
+        os.environ["TRITON_INTERPRET"] = "1"
+        from benchmarks import gpu_check
+        from xatl_ds.models.gpu import chunk_scan as cs
+        shape = dict(layers=1, d_model=64, heads=4, vocab=64, batch=1, seq=40, new_tokens=2,
+                     config=dict(chunk_size=16, mamba2_headdim=32, mamba2_ngroups=2, d_state=8))
+        print("good", gpu_check.parity("mamba2", "fp32", "cpu", **shape)["ok"])
+        good = cs.chunk_scan
+        cs.chunk_scan = lambda q, k, *a, **kw: good(k, q, *a, **kw)
+        p = gpu_check.parity("mamba2", "fp32", "cpu", **shape)
+        print("swapped", p["ok"], p["path_ok"], p["mixer_err"] > 1e-2)
+        """
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "good True" in r.stdout and "swapped False True True" in r.stdout, r.stdout
+
+
+@needs_emulation_deps
+def test_emulation_catches_a_wrong_call():
+    """The optional mamba-ssm rows can fail: a plausible call-site bug (B and C swapped) breaks
+    every parity measure, and a dtype the extension rejects (bf16 delta_bias) raises the
+    contract error. Once emulated, kernels='triton' still runs our Triton kernels."""
+    r = _python(
+        """
+        import os
+        os.environ["TRITON_INTERPRET"] = "1"
         from benchmarks import kernel_emulation, gpu_check
-        kernel_emulation.activate()
+        gpu_check.emulate_cuda_paths()
         import mamba_ssm.ops.selective_scan_interface as ssi
         good = ssi.selective_scan_fn
         shape = dict(layers=1, d_model=32, heads=4, vocab=64, batch=2, seq=24, new_tokens=2)
-        print("good", gpu_check.parity("mamba", "fp32", "cpu", kernels_b="cuda", **shape)["ok"])
+        def errs(p):
+            return max(p["logits_err"], p["mixer_err"], p["gen_err"])
+        p = gpu_check.parity("mamba", "fp32", "cpu", kernels_b="cuda", **shape)
+        print("good", errs(p) < 1e-5)
         ssi.selective_scan_fn = lambda u, dt, A, B, C, *a, **k: good(u, dt, A, C, B, *a, **k)
         p = gpu_check.parity("mamba", "fp32", "cpu", kernels_b="cuda", **shape)
         print("swapped", p["ok"], min(p["logits_err"], p["mixer_err"], p["gen_err"]) > 1e-2)
@@ -69,16 +103,22 @@ def test_emulation_catches_a_wrong_call():
             gpu_check.parity("mamba", "bf16", "cpu", kernels_b="cuda", **shape)
         except kernel_emulation.ContractError as e:
             print("contract", e)
+        p = gpu_check.parity("mamba2", "fp32", "cpu", kernels_b="triton", layers=1, d_model=64, heads=4, vocab=64,
+                             batch=1, seq=24, new_tokens=2, config=dict(chunk_size=16, mamba2_headdim=32))
+        print("triton stays", p["paths"].get("Mamba2Mixer"), p["ok"])
         """
     )
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
     assert "good True" in out and "swapped False True" in out, out
     assert "contract selective_scan_fn: delta_bias must be fp32" in out, out
+    assert "triton stays triton True" in out, out
 
 
+@needs_emulation_deps
 def test_activate_refuses_a_compiled_triton():
-    r = _python("import triton\nfrom benchmarks import kernel_emulation\nkernel_emulation.activate()")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # (conftest may set it for the suite)
+    r = _python("import triton\nfrom benchmarks import kernel_emulation\nkernel_emulation.activate()", env=env)
     assert r.returncode != 0 and "activate first, in a fresh process" in r.stderr
 
 
@@ -111,22 +151,3 @@ def test_contract_checks():
         ke.check_causal_conv1d(x, torch.zeros(16, 5))
     with pytest.raises(ke.ContractError, match="bias must be"):
         ke.check_causal_conv1d(x, w, torch.zeros(16, dtype=f32).to(bf16))
-
-
-def test_gpu_check_stubs_a_missing_selective_scan():
-    """With mamba-ssm's sources but no selective-scan extension (a GPU build that ran out of
-    time), gpu_check stands a stub in so mamba-ssm imports for the SSD kernels, once."""
-    r = _python(
-        """
-        from benchmarks import gpu_check
-        print("stubbed", gpu_check.stub_missing_selective_scan(), gpu_check.stub_missing_selective_scan())
-        import mamba_ssm.ops.triton.ssd_combined
-        import selective_scan_cuda
-        try:
-            selective_scan_cuda.fwd
-        except RuntimeError as e:
-            print("raises", e)
-        """
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "stubbed True False" in r.stdout and "raises kernel emulation: selective_scan_cuda.fwd" in r.stdout
