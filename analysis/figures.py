@@ -89,7 +89,7 @@ def _legend(fig, handles, labels, ncol: int = 1, title: str | None = None) -> No
                    title=title, title_fontsize=8, frameon=False)  # fmt: skip
 
 
-def _size_order(df: pd.DataFrame) -> list[str]:
+def size_order(df: pd.DataFrame) -> list[str]:
     if df.empty:
         return []
     if "n_layers" not in df or "d_model" not in df:
@@ -167,7 +167,7 @@ def _loss_panels(df: pd.DataFrame, curves: Mapping[str, pd.DataFrame], events: M
     curve, a teacher's loss as a horizontal line; one legend beside the panels."""
     sources = set(sources)
     have = lambda r: r in curves and len(curves[r]) > 0 and x in curves[r]  # noqa: E731
-    sizes = [s for s in _size_order(df) if any(have(r) for r in df.loc[df["size"] == s, "run"])]
+    sizes = [s for s in size_order(df) if any(have(r) for r in df.loc[df["size"] == s, "run"])]
     if not sizes:
         return _empty(path, title, "no validation losses logged yet")
     style = _Styles(df[~df["run"].isin(sources)])
@@ -240,7 +240,7 @@ def plot_savings_vs_size(agg: pd.DataFrame, df: pd.DataFrame, path: str | Path) 
     path = Path(path)
     if agg.empty or not np.isfinite(agg["savings_flops_mean"].astype(float)).any():
         return _empty(path, "savings vs model size", "no XATL/scratch pair has reached its target yet")
-    order = [s for s in _size_order(df) if s in set(agg["size"])] or sorted(set(agg["size"]))
+    order = [s for s in size_order(df) if s in set(agg["size"])] or sorted(set(agg["size"]))
     pos = {s: i for i, s in enumerate(order)}
     style = _Styles(agg.assign(init_kind="xatl"))
     group = [k for k in ("mixer", "attention_layers", "recipe", "freeze_policy", "unfreeze_order") if k in agg]
@@ -399,7 +399,7 @@ def plot_benchmark_deltas(deltas: pd.DataFrame, path: str | Path, sizes: Iterabl
     g = d.groupby(["label", "tm"], sort=False).agg(
         delta=("delta", "mean"), se=("delta_se", lambda s: math.sqrt(np.nansum(np.square(s))) / max(1, len(s))))
     g = g.reset_index()
-    order = {s: i for i, s in enumerate(list(sizes or []) + _size_order(d))}
+    order = {s: i for i, s in enumerate(list(sizes or []) + size_order(d))}
     order = {s: i for i, s in enumerate(dict.fromkeys(order))}
     labels = sorted(g["label"].unique(), key=lambda l: (order.get(l.split("  ")[0], 99), l))
     first = {l: r for l, r in zip(d["label"], d.to_dict("records"))}

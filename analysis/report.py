@@ -37,7 +37,7 @@ import pandas as pd
 import yaml
 
 from .effective import aggregate_effective, effective_compute, effective_table
-from .figures import _size_order  # noqa: E402  (the panels' order)
+from .figures import size_order  # noqa: E402  (the panels' order)
 from .figures import (
     arch_label, variant_label, plot_benchmark_deltas, plot_effective_vs_size, plot_loss_vs_flops, plot_loss_vs_tokens,
     plot_savings_curves, plot_savings_vs_size,
@@ -563,8 +563,8 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *,
         f1 = plot_loss_vs_flops(df, curves, events, figs / "loss_vs_flops.png", sources=sources)
         f6 = plot_loss_vs_tokens(df, curves, figs / "loss_vs_tokens.png", sources=sources) if not df.empty else None
     f2 = plot_savings_vs_size(agg, df, figs / "savings_vs_size.png")
-    f3 = plot_savings_curves(scurves_plot, figs / "savings_vs_target_loss.png", sizes=_size_order(df))
-    f4 = plot_benchmark_deltas(deltas, figs / "benchmark_deltas.png", sizes=_size_order(df))
+    f3 = plot_savings_curves(scurves_plot, figs / "savings_vs_target_loss.png", sizes=size_order(df))
+    f4 = plot_benchmark_deltas(deltas, figs / "benchmark_deltas.png", sizes=size_order(df))
     f5 = plot_effective_vs_size(trend, figs / "effective_vs_size.png")
 
     tasks = list(eval_tasks) if eval_tasks is not None else sorted(

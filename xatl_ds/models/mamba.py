@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Mixer
+from .gpu import check_scan_shapes
 from .configuration import XatlConfig
 from .kernels import available, select_path
 
@@ -320,7 +321,7 @@ def selective_scan(
         raise ValueError(f"impl={impl!r} is unknown; choose one of {CPU_IMPLS}")
     if impl == "ref":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
+    check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
     dtype = u.dtype
     f32 = torch.float32
     if delta_bias is not None:
@@ -343,25 +344,6 @@ def selective_scan(
     out, last = fn.apply(*args)
     out = out.to(dtype)
     return (out, last) if return_last_state else out
-
-
-def _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
-    if u.dim() != 3:
-        raise ValueError(f"u must be (batch, length, d_inner), got shape {tuple(u.shape)}")
-    b, length, d = u.shape
-    if A.dim() != 2 or A.shape[0] != d:
-        raise ValueError(f"A must be (d_inner={d}, d_state), got {tuple(A.shape)}")
-    n = A.shape[1]
-    for name, t, shape in (
-        ("delta", delta, (b, length, d)),
-        ("z", z, (b, length, d)),
-        ("B", B, (b, length, n)),
-        ("C", C, (b, length, n)),
-        ("D", D, (d,)),
-        ("delta_bias", delta_bias, (d,)),
-    ):
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} (channel-last layout), got {tuple(t.shape)}")
 
 
 # ----------------------------------------------------------------------------------------

@@ -340,9 +340,9 @@ def selective_scan_triton(
     """Selective scan in Triton; same arguments and result as
     :func:`xatl_ds.models.mamba.selective_scan_ref` (channel-last, any strides, bf16/fp16/fp32
     inputs computed in fp32, ``out`` in ``u``'s dtype, final state ``(b, d, n)`` in fp32)."""
-    from ..mamba import _check_scan_shapes
+    from . import check_scan_shapes
 
-    _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
+    check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
     out, last = _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return (out, last) if return_last_state else out
 
