@@ -233,6 +233,37 @@ class AlignSection:
 
 
 @dataclass
+class TrainSection:
+    """How the training step executes (not what it computes)."""
+
+    compile: bool = False
+    """Compile every block with ``torch.compile`` before the DeepSpeed engine is built
+    (regional compilation: each block once, in place, so parameter names and ZeRO stay as they
+    are; repeated blocks reuse one compiled graph, cheaper to compile than the whole model).
+    The first steps pay the compilation (tens of seconds); kernels that dynamo cannot trace run
+    uncompiled between graphs. Numerics may differ from eager in the last bits."""
+
+
+@dataclass
+class LogSection:
+    """Where metrics go besides ``metrics.jsonl``, which stays the contract every reader uses:
+    TensorBoard event files and, optionally, Weights & Biases, both fed with the same rows by
+    rank 0 (``xatl_ds/monitor.py``). Not part of the run's identity (``content_hash``)."""
+
+    tensorboard: bool = True
+    """Event files of every ``metrics.jsonl`` column in ``OUT/tensorboard/`` (losses, learning
+    rate per stage, FLOPs, tokens, freeze stage, unfreeze events as text);
+    ``tensorboard --logdir runs/sweeps/NAME`` shows all runs of a sweep."""
+    wandb_project: str | None = None
+    """A Weights & Biases project to log to as well (off when unset; needs ``pip install
+    wandb`` and ``wandb login`` or ``WANDB_API_KEY``)."""
+    wandb_entity: str | None = None
+    """W&B team or user; default: the logged-in user's."""
+    wandb_mode: str = "online"
+    """``online``, or ``offline`` (kept under ``OUT/wandb/``; upload later with ``wandb sync``)."""
+
+
+@dataclass
 class RunConfig:
     """One training run."""
 
@@ -264,6 +295,10 @@ class RunConfig:
     """Checkpointing."""
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     """DeepSpeed engine."""
+    train: TrainSection = field(default_factory=TrainSection)
+    """Execution of the training step (torch.compile)."""
+    log: LogSection = field(default_factory=LogSection)
+    """Metrics mirrors: TensorBoard, Weights & Biases."""
     log_every: int = 10
     """Terminal progress update interval in steps (metrics.jsonl gets every step)."""
 
@@ -275,9 +310,10 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def content_hash(self) -> str:
-        """Stable id of what the run computes (name and out_dir excluded)."""
+        """Stable id of what the run computes (name, out_dir, where metrics are logged and how
+        the step executes (``train``: torch.compile changes rounding, not the function) excluded)."""
         d = self.to_dict()
-        d.pop("name"), d.pop("out_dir")
+        d.pop("name"), d.pop("out_dir"), d.pop("log"), d.pop("train")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     # -- validation ------------------------------------------------------------------
@@ -335,6 +371,9 @@ class RunConfig:
         _check_distill_align(self)
         _check_freeze_steps(self)
         _choice("deepspeed.precision", self.deepspeed.precision, ("auto", "fp32", "bf16", "fp16"))
+        if not isinstance(self.train.compile, bool):
+            raise ConfigError(f"train.compile={self.train.compile!r} must be true or false")
+        _check_log(self.log)
         check_ds_config(self.deepspeed.config)
         if machine_checks:
             _check_machine(self)
@@ -545,6 +584,16 @@ def _check_distill_align(cfg: "RunConfig") -> None:
         )
 
 
+def _check_log(log: LogSection) -> None:
+    if not isinstance(log.tensorboard, bool):
+        raise ConfigError(f"log.tensorboard={log.tensorboard!r} must be true or false")
+    for name in ("wandb_project", "wandb_entity"):
+        v = getattr(log, name)
+        if v is not None and (not isinstance(v, str) or not v.strip()):
+            raise ConfigError(f"log.{name}={v!r} must be a non-empty string (or omitted)")
+    _choice("log.wandb_mode", log.wandb_mode, ("online", "offline"))
+
+
 def _check_machine(cfg: "RunConfig") -> None:
     """What this machine cannot run (``model.kernels: cuda`` / ``triton`` without CUDA)."""
     if cfg.model.kernels in ("cuda", "triton"):
@@ -680,20 +729,51 @@ def ds_config_path(name: str) -> Path:
     return found
 
 
-def sweep_file_path(name_or_path: str | Path) -> Path:
-    """``name_or_path`` as a path when that file exists, else a shipped sweep or study file
-    named ``quickstart``, ``quickstart.yaml`` or ``sweeps/quickstart.yaml`` (so the README's
-    commands work from any directory). Raises listing what is shipped."""
+#: the shipped Optuna studies: a folder of their own below sweeps/, so a sweep name never
+#: finds a study file (whose keys a sweep does not have) and the other way round
+STUDIES_FOLDER = "studies"
+
+
+def shipped_yaml_names(kind: str = "sweep") -> list[str]:
+    """Names of the shipped sweeps (``kind="sweep"``) or Optuna studies (``"study"``)."""
+    d = packaged_dir("sweeps")
+    if kind == "study":
+        d = d.joinpath(STUDIES_FOLDER)
+        if not d.is_dir():
+            return []
+    return sorted(x.name.removesuffix(".yaml") for x in d.iterdir() if x.name.endswith(".yaml") and x.is_file())
+
+
+def _shipped_yaml(name_or_path: str | Path, kind: str) -> Path:
     p = Path(name_or_path)
     if p.is_file():
         return p
-    found = None
-    if not p.is_absolute() and p.parent in (Path("."), Path("sweeps")):
-        found = _packaged_file("sweeps", p.name) or _packaged_file("sweeps", f"{p.name}.yaml")
-    if found is None:
-        avail = [n.removesuffix(".yaml") for n in _packaged_names("sweeps", ".yaml")]
-        raise ConfigError(f"sweep file {str(name_or_path)!r} not found; use a path to a YAML file or one of {avail}")
-    return found
+    parents = (Path("."), Path("sweeps")) if kind == "sweep" else (
+        Path("."), Path(STUDIES_FOLDER), Path("sweeps") / STUDIES_FOLDER)
+    name = p.name.removesuffix(".yaml")
+    if not p.is_absolute() and p.parent in parents and name in shipped_yaml_names(kind):
+        d = packaged_dir("sweeps")
+        d = d.joinpath(STUDIES_FOLDER) if kind == "study" else d
+        return Path(str(d.joinpath(f"{name}.yaml")))  # pip installs package data as plain files
+    other = "study" if kind == "sweep" else "sweep"
+    hint = ""
+    if not p.is_absolute() and name in shipped_yaml_names(other):
+        hint = f" ({name!r} is a shipped {other}: xatl-ds {'tune' if other == 'study' else 'sweep run'} {name})"
+    raise ConfigError(f"{kind} file {str(name_or_path)!r} not found{hint}; use a path to a YAML file or one of "
+                      f"{shipped_yaml_names(kind)} (xatl-ds sweep list)")
+
+
+def sweep_file_path(name_or_path: str | Path) -> Path:
+    """``name_or_path`` as a path when that file exists, else a shipped sweep named
+    ``quickstart``, ``quickstart.yaml`` or ``sweeps/quickstart.yaml`` (so the README's
+    commands work from any directory). Raises listing what is shipped."""
+    return _shipped_yaml(name_or_path, "sweep")
+
+
+def study_file_path(name_or_path: str | Path) -> Path:
+    """``name_or_path`` as a path when that file exists, else a shipped Optuna study named
+    ``lit_search``, ``lit_search.yaml`` or ``sweeps/studies/lit_search.yaml``."""
+    return _shipped_yaml(name_or_path, "study")
 
 
 # -- building dataclasses from plain dicts, with errors that name the field -------------

@@ -6,7 +6,10 @@
 Order of work: validate the config (nothing starts on a bad one) -> build the model
 (scratch, or XATL transfer from a source) -> freeze plan -> DeepSpeed engine -> resume
 from the last checkpoint if any -> train -> export (HF format, consolidated from ZeRO-3),
-``meta.json`` and ``DONE``.
+``meta.json`` and ``DONE``. With ``train.compile`` every block is compiled in place
+(:func:`compile_blocks`, regional ``torch.compile``) before the engine is built. Each launch
+records in ``metrics.jsonl`` which mixer implementations ran (``kernel_paths``, first row of
+the launch) and, on CUDA, ``max_memory_allocated`` every step; ``meta.json`` keeps both.
 
 Freezing under ZeRO. DeepSpeed fixes the optimizer's parameter set at ``initialize``, so
 every parameter enters the optimizer, one parameter group per unfreeze stage. A frozen
@@ -172,6 +175,17 @@ def build_model(cfg: RunConfig, vocab_size: int):
     return model, report.to_dict()
 
 
+def compile_blocks(model, **compile_kwargs) -> int:
+    """Regional compilation (``train.compile``): ``torch.compile`` each block in place
+    (``nn.Module.compile``: the module and its parameter names stay, so the optimizer groups,
+    ZeRO's hooks and checkpoints see the same model). Compilation happens lazily, at a block's
+    first call. Returns the number of blocks compiled."""
+    blocks = list(model.model.layers)
+    for blk in blocks:
+        blk.compile(**compile_kwargs)
+    return len(blocks)
+
+
 def param_groups(model, stage_of: dict[str, int], weight_decay: float,
                  aligned: frozenset[str] = frozenset()) -> tuple[list[dict], list[int], list[bool]]:  # fmt: skip
     """One AdamW group per (stage, decay?, aligned?) triple; returns the groups, each group's
@@ -243,6 +257,8 @@ class Trainer:
         groups, self.group_stages, self.group_aligned = param_groups(model, self.stage_of, cfg.optim.weight_decay,
                                                                      self.align_names)  # fmt: skip
         opt = torch.optim.AdamW(groups, lr=self.peak_lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        if cfg.train.compile:  # before initialize: the engine wraps the module as it then is
+            compile_blocks(model)
 
         import deepspeed
 
@@ -263,6 +279,7 @@ class Trainer:
         self.wall = 0.0
         self.last_val: float | None = None
         self._flops_cache: dict[frozenset, float] = {}
+        self.kernel_paths: dict[str, str] | None = None  # models.kernels.paths_used after this launch's 1st step
 
     # -- the teacher (distill.Teacher) -------------------------------------------------
     def _load_teacher(self):
@@ -490,7 +507,9 @@ class Trainer:
         # teacher recovery: the teacher's loss on the same validation batches (every start:
         # it goes into meta.json, and into the first metrics row)
         self.teacher_val_loss = self.evaluate_teacher()
-        metrics = open(self.rundir.metrics, "a") if self.rank == 0 else None
+        from .monitor import open_metrics  # metrics.jsonl, mirrored to TensorBoard / W&B (cfg.log)
+
+        metrics = open_metrics(self.rundir, cfg, self.step) if self.rank == 0 else None
         bar = _progress(self, resumed)
         comm = self._comm_device()
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
@@ -555,6 +574,12 @@ class Trainer:
                     row["teacher_flops_step"] = float(teacher_step)
                 if self.step == 1 and self.teacher_val_loss is not None:
                     row["teacher_val_loss"] = self.teacher_val_loss
+                if self.kernel_paths is None:  # once per launch: which mixer implementations ran
+                    from .models.kernels import paths_used
+
+                    self.kernel_paths = row["kernel_paths"] = paths_used(self.engine.module)
+                if self.device.type == "cuda":  # peak since the process started (weights, optimizer, activations)
+                    row["max_memory_allocated"] = torch.cuda.max_memory_allocated(self.device)
                 if ended:
                     row["align_end"] = ended.to_dict()
                 if events:
@@ -644,7 +669,8 @@ class Trainer:
             if self.rank == 0:
                 state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in self.engine.module.state_dict().items()}
         if self.rank == 0:
-            from .export import is_plain_transformer, to_native
+            from .export import save_model
+            from .export.card import write_card
             from .models import XatlForCausalLM
 
             hf = self.rundir.hf
@@ -652,9 +678,9 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             model = XatlForCausalLM(self.model_config)
             model.load_state_dict(state)
-            # an all-attention run is a source model: export it in its family's native format
-            native = is_plain_transformer(model)
-            (to_native(model) if native else model).save_pretrained(tmp)
+            # native where a transformers class computes the same function (an all-attention run is
+            # then a source model like any hub one), else the XATL save plus its own code (remote code)
+            export_format = save_model(model, tmp, "auto").format
             tok_dir = Path(self.cfg.data.path) / "tokenizer"
             if tok_dir.is_dir():
                 load_tokenizer(tok_dir).save_pretrained(tmp)
@@ -666,10 +692,13 @@ class Trainer:
                 "flops": self.flops, "wall_time": self.wall, "final_val_loss": self.last_val,
                 "unfreeze_events": [e.to_dict() for e in self.ctrl.events], "transfer": self.transfer_report,
                 "world_size": self.world, "zero_stage": self.zero_stage, "precision": self.precision,
-                "export_format": "native" if native else "xatl", "versions": _versions(),
+                "export_format": export_format, "versions": _versions(),
+                "kernel_paths": self.kernel_paths, "compile": self.cfg.train.compile,
+                "max_memory_allocated": torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
             }  # fmt: skip
             meta.update(self._teacher_meta())
             self.rundir.write_json(RunDir.META, meta)
+            write_card(hf, self.rundir)  # the model card reads the run's numbers from meta.json
             self.rundir.mark_done()
         torch.distributed.barrier()
 
@@ -706,8 +735,10 @@ def _progress(tr: Trainer, resumed: bool):
 
     total = tr.total_steps()
     desc = f"{tr.cfg.name}" + (" (resumed)" if resumed else "")
+    # TQDM_DISABLE=1 (tqdm's own variable) turns the bar off; XATL_NO_PROGRESS=1 is still honoured
+    legacy = {"disable": True} if os.environ.get("XATL_NO_PROGRESS") == "1" else {}
     return tqdm(total=total, initial=tr.step, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0,
-                disable=os.environ.get("XATL_NO_PROGRESS") == "1")  # fmt: skip
+                **legacy)  # fmt: skip
 
 
 def _postfix(row: dict, val: float | None) -> dict:
