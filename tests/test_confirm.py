@@ -138,13 +138,13 @@ def test_interval_and_verdict():
 
 @pytest.mark.parametrize("size", ["mini", "tiny"])
 def test_ladder_study_reference_is_the_ladder_run(size):
-    """sweeps/ladder_lit_<size>.yaml transfers from the ladder's own source, and its paper
+    """sweeps/studies/ladder_lit_<size>.yaml transfers from the ladder's own source, and its paper
     reference is exactly the ladder's <size>-mamba-xatl-lit run (same run id, seed 0): the
     study's trial 0 re-trains it, the confirmation compares against it on fresh seeds."""
     from conftest import REPO
     from xatl_ds.tune import params_to_values, trial_config
 
-    spec = load_study(REPO / "sweeps" / f"ladder_lit_{size}.yaml")
+    spec = load_study(REPO / "sweeps" / "studies" / f"ladder_lit_{size}.yaml")
     ladder = {r.name: r for r in expand(load_sweep(REPO / "sweeps" / "cpu_ladder.yaml"))}
     assert spec.base["init"]["source"] == str(ladder[f"source-{size}"].dir.hf)
     cfg = load_run_config(trial_config(spec, params_to_values(spec, spec.references["paper"]), 0))

@@ -101,7 +101,7 @@ def test_study_names_cannot_escape(tmp_path, name):
 
 
 def test_workers_draw_independent_parameters(tmp_path):
-    """Two workers seeded alike (sampler seed 0, as in sweeps/lit_search.yaml) and a restarted
+    """Two workers seeded alike (sampler seed 0, as in sweeps/studies/lit_search.yaml) and a restarted
     worker draw different parameters; the seeds are deterministic per worker and study size."""
     import optuna
 

@@ -21,7 +21,7 @@ from xatl_ds.executor import LaunchOptions, deepspeed_command
 from xatl_ds.sweep import (SOURCE_REF, Index, SweepError, expand, format_table, load_sweep, run_sweep,
                            slot_options, status_rows, write_configs)  # fmt: skip
 
-SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
+SWEEPS = sorted((REPO / "sweeps").glob("*.yaml")) + sorted((REPO / "sweeps" / "studies").glob("*.yaml"))
 
 
 def sweep_dict(root: Path, data: str = "runs/data/x", **extra) -> dict:
@@ -96,7 +96,11 @@ def test_dry_run_prints_the_exact_commands(tmp_path, tiny_dataset):
     cmds = [shlex.split(x) for x in buf.getvalue().splitlines() if not x.startswith("#")]
     runs = expand(sw)
     opts = LaunchOptions(num_gpus=2, hostfile="hosts", launcher="slurm")
-    assert cmds == [deepspeed_command(r.config_path, opts) for r in runs]
+    # the same commands, with the configs in a temporary folder: they run as printed
+    assert [c[:-1] for c in cmds] == [deepspeed_command(r.config_path, opts)[:-1] for r in runs]
+    for c, r in zip(cmds, runs):
+        assert c[-2] == "--config" and yaml.safe_load(Path(c[-1]).read_text()) == r.config
+        assert not Path(c[-1]).is_relative_to(tmp_path)
     assert cmds[0][1:5] == ["--hostfile", "hosts", "--launcher", "slurm"] and "--num_gpus" in cmds[0]
     assert not (tmp_path / "sw").exists()
 

@@ -42,6 +42,34 @@ def _fail(command: str, err: BaseException, code: int = 2) -> int:
     return code
 
 
+#: the C++ op DeepSpeed compiles (torch JIT extension) the first time a rank starts on a CPU
+DS_CPU_OP = "deepspeed_shm_comm"
+
+
+def _cpu_op_build_dir() -> str | None:
+    """Where torch keeps DeepSpeed's CPU op (its JIT-extension folder rule); None on CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        acc = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+        root = os.path.join(get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}"
+                            f"{getattr(sys, 'abiflags', '')}_{acc}")  # fmt: skip
+    return os.path.join(root, DS_CPU_OP)
+
+
+def _announce_cpu_op_build() -> None:
+    """Say so before the first CPU launch compiles DeepSpeed's op: ~60 s of silence otherwise."""
+    d = _cpu_op_build_dir()
+    if d is not None and not os.path.isfile(os.path.join(d, f"{DS_CPU_OP}.so")):
+        print(f"[xatl-ds] first CPU launch: DeepSpeed compiles its C++ op {DS_CPU_OP} now (about a minute, "
+              f"once; cached in {d})", file=sys.stderr, flush=True)  # fmt: skip
+
+
 # -- data ----------------------------------------------------------------------------------------
 def _data_parser(p: argparse.ArgumentParser) -> None:
     from .data.config import PrepareConfig
@@ -77,7 +105,10 @@ def _data_parser(p: argparse.ArgumentParser) -> None:
     arg("--bpe-max-chars", type=int, default=None,
         help=f"train the BPE on at most ~N chars of train text (default {d.bpe_max_chars})")
     arg("--text-field", default=None, help=f"jsonl field / parquet or HF column with the text (default {d.text_field!r})")
-    arg("--hf-split", default=None, help=f"split of an hf: dataset to read (default {d.hf_split!r})")
+    arg("--hf-split", default=None, help=f"split of an hf: dataset to read (default {d.hf_split!r}); hf: datasets "
+        "are streamed, never held whole in memory or on disk")
+    arg("--num-proc", type=int, default=None,
+        help="tokenizer processes (default: one per available core, at most 16); the output does not depend on it")
     arg("--overwrite", action="store_true",
         help="replace a dataset in --out prepared from different inputs, or rebuild one whose shards are damaged "
              "(only a folder prepare wrote is ever replaced)")
@@ -211,7 +242,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
         check_free(cfg.out_dir)
     except RunLocked as e:
         return _fail("train", e, 3)
-    return run_foreground(deepspeed_command(args.config, with_port(_launch_options(args)), args.override))
+    _announce_cpu_op_build()
+    rc = run_foreground(deepspeed_command(args.config, with_port(_launch_options(args)), args.override))
+    if rc == 0:
+        _print_outputs(cfg)
+    return rc
+
+
+def _print_outputs(cfg) -> None:
+    """Where a finished run's model, metrics and summary are, and what to run next."""
+    from .monitor import TENSORBOARD_DIR
+    from .rundir import RunDir
+
+    rd = RunDir(cfg.out_dir)
+    if not rd.is_done():
+        return
+    tb = f"  (TensorBoard: tensorboard --logdir {rd.path / TENSORBOARD_DIR})" if cfg.log.tensorboard else ""
+    print(f"[xatl-ds] {cfg.name} done: {rd.path}\n"
+          f"  model    {rd.hf}  (model card {rd.hf / 'README.md'})\n"
+          f"  metrics  {rd.metrics}{tb}\n"
+          f"  summary  {rd.meta_path}  (config, FLOPs, final val loss, unfreeze events)\n"
+          f"  next     xatl-ds eval {rd.path}   |   xatl-ds export {rd.path} --out DIR")  # fmt: skip
 
 
 # -- sweep -------------------------------------------------------------------------------------------
@@ -229,6 +280,35 @@ def _sweep_parser(p: argparse.ArgumentParser) -> None:
     s.add_argument("file", help="sweep YAML, or the name of a shipped sweep")
     _add_only_option(s)
     s.set_defaults(func=_cmd_sweep_status)
+    ls = sub.add_parser("list", help="the shipped sweeps (sweep run NAME) and Optuna studies (tune NAME), one line each")
+    ls.set_defaults(func=_cmd_sweep_list)
+
+
+def _summary(path, width: int = 100) -> str:
+    """The first sentence of a shipped YAML's header comment (its lines up to the first blank
+    or indented one: those are example commands)."""
+    words = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("# ") or line.startswith("#  "):
+            break
+        words.append(line[2:].strip())
+    text = " ".join(words)
+    end = text.find(". ")
+    text = text[: end + 1] if end >= 0 else text
+    return text if len(text) <= width else text[: width - 3].rstrip() + "..."
+
+
+def _cmd_sweep_list(args: argparse.Namespace) -> int:
+    from .config import shipped_yaml_names, study_file_path, sweep_file_path
+
+    for title, kind, find in (("sweeps (xatl-ds sweep run NAME)", "sweep", sweep_file_path),
+                              ("studies (xatl-ds tune NAME)", "study", study_file_path)):  # fmt: skip
+        names = shipped_yaml_names(kind)
+        print(title)
+        w = max(map(len, names), default=0)
+        for n in names:
+            print(f"  {n:<{w}}  {_summary(find(n))}")
+    return 0
 
 
 def _add_only_option(p: argparse.ArgumentParser) -> None:
@@ -251,6 +331,8 @@ def _cmd_sweep_run(args: argparse.Namespace) -> int:
 
     try:
         sweep = _load_sweep(args.file, args.only)
+        if not args.dry_run:
+            _announce_cpu_op_build()
         return run_sweep(sweep, _launch_options(args), max_parallel=args.max_parallel, dry_run=args.dry_run)
     except (SweepError, ConfigError) as e:
         return _fail("sweep", e)
@@ -272,7 +354,7 @@ def _cmd_sweep_status(args: argparse.Namespace) -> int:
 
 # -- tune ----------------------------------------------------------------------------------------------
 def _tune_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help="study YAML")
+    p.add_argument("file", help="study YAML, or the name of a shipped study (e.g. lit_search; see xatl-ds sweep list)")
     p.add_argument("--storage", help="override the storage: an RDB URL or journal:PATH")
     p.add_argument("--n-trials", type=int, help="trials the study should reach, all workers together (0: write best.yaml)")
     p.add_argument("--worker-id", help="name of this worker in logs, trial attrs and its sampler seed (default host-pid)")
@@ -308,9 +390,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if args.workers > 1 and args.master_port is not None:
         return _fail("tune", ValueError("--master-port with --workers > 1: the workers' trials would share one "
                                         "port; leave it out (each launch takes a free port)"))  # fmt: skip
+    from .config import ConfigError, study_file_path
+
     children = []
     try:
-        spec = load_study(args.file)
+        spec = load_study(study_file_path(args.file))
         if args.storage:
             spec.storage = args.storage
         if args.confirm:
@@ -322,6 +406,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         from .tune import open_study
 
         wid = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        if args.worker_id is None:  # the first worker only (children get an id)
+            _announce_cpu_op_build()
         if args.workers > 1:
             open_study(spec)  # create the study (and its sqlite file) once, before the workers start
         children = [Launch(_tune_child_argv(args, f"{wid}-{k}")).start() for k in range(1, args.workers)]
@@ -330,7 +416,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         if any(rcs):
             print(f"[tune] extra workers exited with codes {rcs}", file=sys.stderr)
             return 1
-    except StudyError as e:
+    except (StudyError, ConfigError) as e:
         return _fail("tune", e)
     except KeyboardInterrupt:  # the running trial is FAIL and its process group stopped
         print("[tune] interrupted; rerun the same command to continue the study", file=sys.stderr)
@@ -341,6 +427,30 @@ def _cmd_tune(args: argparse.Namespace) -> int:
                 c.stop(grace=30.0)
     best = spec.root / "best.yaml"
     print(f"[tune] study {spec.study_name}: best config {best if best.is_file() else '(none yet)'}")
+    return 0
+
+
+# -- export ---------------------------------------------------------------------------------------
+def _export_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_OR_DIR", help="run directory (with hf/) or a model folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write (must not exist or be empty)")
+    p.add_argument("--format", default="auto", choices=["auto", "native", "remote-code"],
+                   help="native: a transformers class computing the same function (refused where none does); "
+                   "remote-code: the model's own code in the folder (trust_remote_code=True); auto: native "
+                   "where possible (default)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import ExportError, NoNativeExport, export_run
+
+    try:
+        res = export_run(args.run_dir, args.out, args.format, overwrite=args.overwrite)
+    except (ExportError, NoNativeExport) as e:
+        return _fail("export", e)
+    how = "no remote code" if res.format == "native" else "trust_remote_code=True"
+    print(f"wrote {res.path}: {res.model_class} ({res.format}; loads with {how}), model card README.md")
     return 0
 
 
@@ -421,6 +531,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 
     try:
         path = sweep_file_path(args.sweep)
+        _announce_cpu_op_build()
         return run(path, args.eval_limit, report_out=Path(args.report_out) if args.report_out else None,
                    max_parallel=args.max_parallel, only=args.only)  # fmt: skip
     except (ConfigError, ValueError) as e:
@@ -433,6 +544,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "transfer": ("build an XATL target from a pretrained Transformer and copy the shared weights", _transfer_parser),
     "train": ("train one run config through the deepspeed launcher", _train_parser),
     "eval": ("evaluate a finished run with lm-eval (writes RUN_DIR/eval.json)", _eval_parser),
+    "export": ("export a run's model for plain transformers (native class or remote code) with a model card", _export_parser),
     "report": ("results table, compute-matched savings, figures and report.md for a sweep", _report_parser),
     "sweep": ("expand a sweep YAML into runs and launch them", _sweep_parser),
     "tune": ("run an Optuna study (one worker; start several for parallel trials)", _tune_parser),
@@ -443,7 +555,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
 def build_parser(only: str | None = None, *, full: bool = False) -> argparse.ArgumentParser:
     """The ``xatl-ds`` parser. Commands are listed with their help; their arguments are filled
     in for ``only`` (all one invocation needs) or, with ``full``, for every command."""
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="xatl-ds", description="Cross-Architecture Transfer Learning on DeepSpeed")
+    parser.add_argument("--version", action="version", version=f"xatl-ds {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -457,7 +572,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # the reader went away (xatl-ds ... | head -1): stop quietly, as other Unix tools do.
+        # stdout is pointed at /dev/null so the interpreter's final flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the broken pipe
 
 
 if __name__ == "__main__":

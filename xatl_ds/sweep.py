@@ -457,8 +457,16 @@ def run_sweep(sweep: Sweep, opts: LaunchOptions | None = None, *, max_parallel: 
     n_dev = cuda_devices() if max_parallel > 1 else 0
     _preflight(runs, opts.world_size())
     if dry_run:
+        # the commands must run exactly as printed, so their configs exist, in a temporary folder:
+        # nothing is written under the sweep root (a real run writes ROOT/configs/)
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix=f"xatl-ds-dry-run-{sweep.name}-"))
+        print(f"# dry run: the run configs are in {tmp} (temporary); run the commands from this directory",
+              file=out)  # fmt: skip
         for slot, r in enumerate(runs):
-            cmd = deepspeed_command(r.config_path, slot_options(opts, slot % max_parallel, max_parallel, n_dev))
+            path = r.write_config(tmp / r.config_path.name)
+            cmd = deepspeed_command(path, slot_options(opts, slot % max_parallel, max_parallel, n_dev))
             print(f"# {r.name} [{r.id}] {'done' if r.dir.is_done() else 'todo'}", file=out)
             print(shlex.join(cmd), file=out)
         return 0

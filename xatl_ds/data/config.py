@@ -36,6 +36,19 @@ class PrepareConfig:
     #: rebuild ``out`` when it holds a dataset from different inputs or with damaged shards
     #: (only ever a directory that prepare wrote: files and foreign folders are never replaced)
     overwrite: bool = False
+    #: tokenizer processes (None: one per available core, at most 16); the shards are the same
+    #: for any value, so it is not part of the input fingerprint
+    num_proc: int | None = None
+
+    def processes(self) -> int:
+        """The number of tokenizer processes ``num_proc`` asks for."""
+        if self.num_proc is not None:
+            return self.num_proc
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+        return max(1, min(cores, 16))
 
     def validate(self) -> None:
         """Raise :class:`DataError` naming the offending field (and CLI flag) and the fix."""
@@ -59,5 +72,7 @@ class PrepareConfig:
             raise DataError(f"max_chars={self.max_chars} (--max-chars): must be >= 1, or None for everything")
         if self.bpe_max_chars < 1:
             raise DataError(f"bpe_max_chars={self.bpe_max_chars} (--bpe-max-chars): must be >= 1")
+        if self.num_proc is not None and self.num_proc < 1:
+            raise DataError(f"num_proc={self.num_proc} (--num-proc): must be >= 1, or None for one per core")
         if not self.text_field:
             raise DataError("text_field (--text-field) is empty: name the jsonl field / parquet column with the text")

@@ -1,18 +1,29 @@
 """Corpus sources: the builtin texts, local .txt/.txt.gz/.jsonl[.gz]/.parquet files and
 directories, and ``hf:NAME[:CONFIG]`` datasets, each read as a stream of documents (strings)
-in a fixed order."""
+in a fixed order.
+
+``hf:`` datasets are streamed (``datasets.load_dataset(..., streaming=True)``): documents are
+read batch by batch as the pipeline consumes them, so neither memory nor the local disk has to
+hold the dataset (a Pile-sized corpus included). NAME may be a hub name or a local folder of
+data files (parquet, jsonl, csv, txt, arrow). Only in offline mode (``HF_HUB_OFFLINE`` /
+``HF_DATASETS_OFFLINE``), where nothing can be streamed from the hub, is a hub dataset loaded
+from the local cache instead (memory-mapped Arrow files)."""
 from __future__ import annotations
 
 import codecs
 import gzip
 import hashlib
 import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .errors import DataError
 from .layout import sha256_file
+
+logger = logging.getLogger(__name__)
 
 # the package lives in xatl_ds/data/, the shipped texts in xatl_ds/corpus/
 BUILTIN_CORPUS_DIR = Path(__file__).resolve().parent.parent / "corpus"
@@ -131,15 +142,51 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
 
 
 def _hf_documents(dataset: Any, name: str, text_field: str) -> Iterator[str]:
-    if text_field not in dataset.column_names:
-        raise DataError(
-            f"{name}: no column {text_field!r} (columns: {dataset.column_names}); name it with --text-field"
-        )
-    col = dataset.select_columns([text_field])
-    for start in range(0, len(col), 1024):
-        for text in col[start : start + 1024][text_field]:
+    columns = dataset.column_names  # None for a stream whose features are not known up front
+    if columns is not None and text_field not in columns:
+        raise DataError(f"{name}: no column {text_field!r} (columns: {columns}); name it with --text-field")
+    if columns is not None:
+        dataset = dataset.select_columns([text_field])
+    # batches of rows: one Arrow slice per 1024 documents, the same for a stream and a table
+    for batch in dataset.iter(batch_size=1024):
+        if text_field not in batch:
+            raise DataError(f"{name}: no column {text_field!r} (columns: {sorted(batch)}); name it with --text-field")
+        for text in batch[text_field]:
             if text:
+                if not isinstance(text, str):
+                    raise DataError(f"{name}: column {text_field!r} holds {type(text).__name__}, expected strings")
                 yield text
+
+
+def _offline() -> bool:
+    import datasets.config
+
+    return bool(datasets.config.HF_HUB_OFFLINE) or os.environ.get("HF_DATASETS_OFFLINE", "0").upper() in (
+        "1", "ON", "YES", "TRUE")
+
+
+def _local_digest(path: Path) -> str:
+    """Content hash of a local dataset folder (or file): every file's path and bytes."""
+    files = [path] if path.is_file() else sorted(
+        f for f in path.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts))
+    h = hashlib.sha256(b"xatl-ds/hf-local/v1\0")
+    for f in files:
+        h.update(f"{f.relative_to(path).as_posix() if f != path else f.name}\0{sha256_file(f)}\0".encode())
+    return h.hexdigest()
+
+
+def _hub_digest(name: str, config: str, split: str) -> str:
+    """The dataset repository's commit (what a stream reads), with config and split."""
+    try:
+        from huggingface_hub import HfApi
+
+        sha = HfApi().dataset_info(name).sha
+    except Exception as e:  # reached the data but not the API: fingerprint without the commit
+        logger.warning("hf:%s: no commit id from the hub (%s); a changed upstream dataset will not be noticed",
+                       name, type(e).__name__)  # fmt: skip
+        sha = None
+    body = {"name": name, "config": config or None, "split": split, "commit": sha}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _load_hf(spec: str, split: str) -> Source:
@@ -151,8 +198,11 @@ def _load_hf(spec: str, split: str) -> Source:
         import datasets
     except ImportError as e:  # pragma: no cover - datasets is a dependency
         raise DataError(f"corpus {spec!r} needs the 'datasets' package: pip install datasets") from e
+    local = Path(name).expanduser()
+    stream = local.exists() or not _offline()
     try:
-        ds = datasets.load_dataset(name, config or None, split=split)
+        ds = datasets.load_dataset(str(local) if local.exists() else name, config or None, split=split,
+                                   streaming=stream)  # fmt: skip
     except Exception as e:  # offline, unknown name, bad config: all end the same way for the user
         raise DataError(
             f"cannot fetch the Hugging Face dataset {name!r}"
@@ -163,7 +213,12 @@ def _load_hf(spec: str, split: str) -> Source:
         ) from None
     if isinstance(ds, dict) or not hasattr(ds, "column_names"):
         raise DataError(f"corpus {spec!r}: expected one split, got {type(ds).__name__}; pick one with --hf-split")
-    fingerprint = getattr(ds, "_fingerprint", None) or hashlib.sha256(repr(ds).encode()).hexdigest()
+    if local.exists():
+        fingerprint = _local_digest(local)
+    elif stream:
+        fingerprint = _hub_digest(name, config, split)
+    else:  # a cached table: datasets' own fingerprint of its files
+        fingerprint = getattr(ds, "_fingerprint", None) or hashlib.sha256(repr(ds).encode()).hexdigest()
     return Source(spec=spec, kind="hf", name=f"hf:{rest}", digest=str(fingerprint), dataset=ds)
 
 

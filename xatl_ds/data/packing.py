@@ -10,14 +10,24 @@ Pipeline (all deterministic: the same inputs give byte-identical shards)::
 
 Consecutive units of one document that share a split are written as one contiguous run; an
 EOS closes every run, so a unit held out from the middle of a book leaves an EOS where it was.
+
+Scale. Sources are read as streams (``hf:`` datasets included, see :mod:`.corpus`) and nothing
+holds more than a few batches of text. With a given tokenizer the corpus is read once: units go
+to their split by the nominal hash thresholds of the fractions, which are the final ones unless
+a split comes out empty (a tiny corpus; it is then read again to place a unit there). Batches of
+~2M characters are tokenized by ``num_proc`` worker processes (in order, so the shards do not
+depend on the count); a BPE trained here reads the corpus three more times.
 The dataset is built in a temporary sibling directory and swapped into place at the end, and
 only an empty directory or a dataset that prepare itself wrote is ever replaced.
 """
 from __future__ import annotations
 
 import array
+import collections
 import contextlib
+import dataclasses
 import hashlib
+import multiprocessing
 import json
 import logging
 import os
@@ -46,7 +56,7 @@ from .layout import (
     token_dtype,
 )
 from .loader import record_shard_check, verify_shard
-from .split import Unit, iter_units, sample_threshold, thresholds
+from .split import Thresholds, Unit, iter_units, nominal_thresholds, sample_threshold, thresholds
 from .tokenizer import FINGERPRINT_VERSION, encode_texts, load_tokenizer, tokenizer_fingerprint, train_bpe
 
 logger = logging.getLogger(__name__)
@@ -135,15 +145,66 @@ def _clean_stale_tmp(out: Path) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def _encode_runs(tok: Any, texts: list[str], ends: list[bool], eos: int) -> np.ndarray:
+    """The flat ids of a batch of unit texts, an EOS after each unit that ends a run."""
+    pieces: list[list[int]] = []
+    for ids, end in zip(encode_texts(tok, texts), ends):
+        pieces.append(ids)
+        if end:
+            pieces.append([eos])
+    return np.fromiter((i for p in pieces for i in p), dtype=np.int64)
+
+
+# a tokenizer worker's own copy, loaded once by _init_worker
+_WORKER_TOK: Any = None
+
+
+def _init_worker(tok_dir: str) -> None:
+    global _WORKER_TOK
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    _WORKER_TOK = load_tokenizer(tok_dir)
+
+
+def _encode_in_worker(texts: list[str], ends: list[bool], eos: int) -> np.ndarray:
+    return _encode_runs(_WORKER_TOK, texts, ends, eos)
+
+
+class _Encoder:
+    """Tokenizes batches here, or, from the first full batch on (a corpus larger than one
+    batch) and with ``num_proc`` > 1, in a pool of worker processes that load the tokenizer
+    from ``tok_dir``."""
+
+    def __init__(self, tok: Any, tok_dir: Path, num_proc: int):
+        self.tok, self.tok_dir, self.num_proc = tok, tok_dir, num_proc
+        self.pool = None
+
+    def start_pool(self):
+        if self.pool is None and self.num_proc > 1:
+            # fork where there is one: workers start at once; their tokenizer is loaded from disk
+            # either way, so any start method gives the same ids
+            methods = multiprocessing.get_all_start_methods()
+            ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+            self.pool = ctx.Pool(self.num_proc, initializer=_init_worker, initargs=(str(self.tok_dir),))
+            logger.info("tokenizing in %d processes", self.num_proc)
+        return self.pool
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+
 class _ShardWriter:
     """Buffers unit texts of one split, encodes them in batches and appends the ids (+ EOS at
-    the end of every run of consecutive units) to a flat binary file."""
+    the end of every run of consecutive units) to a flat binary file, in order."""
 
-    def __init__(self, path: Path, tok: Any, dtype: np.dtype, eos_id: int, vocab_size: int):
+    def __init__(self, path: Path, encoder: _Encoder, dtype: np.dtype, eos_id: int, vocab_size: int):
         self.f = open(path, "wb")
-        self.tok, self.dtype, self.eos, self.vocab_size = tok, dtype, eos_id, vocab_size
+        self.enc, self.dtype, self.eos, self.vocab_size = encoder, dtype, eos_id, vocab_size
         self.texts: list[str] = []
         self.ends: list[bool] = []
+        self.pending: collections.deque = collections.deque()  # batches in the pool, in order
         self.chars = 0
         self.buffered = 0
         self.tokens = 0
@@ -159,17 +220,22 @@ class _ShardWriter:
         self.units += 1
         self.runs += run_ends
         if self.buffered >= _ENCODE_BATCH_CHARS:
-            self.flush()
+            self.flush(full=True)
 
-    def flush(self) -> None:
+    def flush(self, full: bool = False) -> None:
         if not self.texts:
             return
-        pieces: list[list[int]] = []
-        for ids, end in zip(encode_texts(self.tok, self.texts), self.ends):
-            pieces.append(ids)
-            if end:
-                pieces.append([self.eos])
-        arr = np.fromiter((i for p in pieces for i in p), dtype=np.int64)
+        pool = self.enc.start_pool() if full else self.enc.pool
+        if pool is not None:
+            self.pending.append(pool.apply_async(_encode_in_worker, (self.texts, self.ends, self.eos)))
+            # a bounded queue: at most two batches per process in flight, so memory stays flat
+            while len(self.pending) > 2 * self.enc.num_proc:
+                self._write(self.pending.popleft().get())
+        else:
+            self._write(_encode_runs(self.enc.tok, self.texts, self.ends, self.eos))
+        self.texts, self.ends, self.buffered = [], [], 0
+
+    def _write(self, arr: np.ndarray) -> None:
         # ids must index an embedding of vocab_size rows (and so fit the dtype chosen from it)
         if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
             raise DataError(
@@ -179,10 +245,11 @@ class _ShardWriter:
         arr.astype(self.dtype).tofile(self.f)
         self.tokens += int(arr.size)
         self.max_id = max(self.max_id, int(arr.max()) if arr.size else -1)
-        self.texts, self.ends, self.buffered = [], [], 0
 
     def close(self) -> None:
         self.flush()
+        while self.pending:
+            self._write(self.pending.popleft().get())
         self.f.close()
 
 
@@ -263,31 +330,95 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _build(cfg: PrepareConfig, sources: list[Source], tok: Any, fingerprint: str, tmp: Path) -> dict[str, Any]:
-    # pass 1: split thresholds and per-source statistics
+def _pass1_thresholds(sources: list[Source], cfg: PrepareConfig) -> Thresholds:
+    """Pass 1: every unit's split hash (8 bytes a unit, no text kept) -> the split thresholds."""
     t = time.perf_counter()
     hashes = array.array("Q")
-    src_stats = [{"documents": 0, "chars": 0, "units": 0} for _ in sources]
-    seen_docs: set[tuple[int, int]] = set()
     for u in iter_units(sources, cfg):
         hashes.append(u.h_split)
-        st = src_stats[u.source]
-        st["units"] += 1
-        st["chars"] += len(u.raw)
-        if (u.source, u.doc) not in seen_docs:
-            seen_docs.add((u.source, u.doc))
-            st["documents"] += 1
-    seen_docs.clear()
     if not hashes:
         raise DataError(f"the corpus {cfg.corpus} holds no text (after --max-chars={cfg.max_chars})")
     thr = thresholds(np.frombuffer(hashes, dtype=np.uint64), cfg)
-    del hashes
     logger.info("pass 1 (units, split): %.1fs", time.perf_counter() - t)
+    return thr
 
-    # tokenizer: the given one, or a BPE trained on (a hash sample of) the train split only
+
+@dataclasses.dataclass
+class _Written:
+    """What one writing pass produced."""
+
+    writers: dict[str, _ShardWriter]
+    src_stats: list[dict[str, int]]
+    test_units: int = 0
+    test_chars: int = 0
+    test_dupes: int = 0
+
+    def fills(self, cfg: PrepareConfig) -> bool:
+        """Every split asked for got a unit (else the thresholds must come from pass 1)."""
+        return (self.writers["train"].units > 0 and (cfg.val_frac == 0 or self.writers["val"].units > 0)
+                and (cfg.test_frac == 0 or self.test_units + self.test_dupes > 0))  # fmt: skip
+
+
+def _write_splits(sources: list[Source], cfg: PrepareConfig, thr: Thresholds, enc: _Encoder, tmp: Path,
+                  dtype: np.dtype, eos_id: int, vocab: int) -> _Written:  # fmt: skip
+    """Tokenize the train/val runs into their shards and write the held-out test units raw,
+    counting each source's documents, units and characters on the way."""
     t = time.perf_counter()
+    writers = {s: _ShardWriter(shard_file(tmp, s), enc, dtype, eos_id, vocab) for s in SHARD_SPLITS}
+    res = _Written(writers, [{"documents": 0, "chars": 0, "units": 0} for _ in sources])
+    seen_test: set[bytes] = set()
+    pending: tuple[Unit, str] | None = None  # (unit, split): written once we know if its run ends
+    last_doc: tuple[int, int] | None = None
+
+    def emit(u: Unit, split: str, run_ends: bool, run_starts: bool) -> None:
+        text = u.raw.lstrip("\r\n") if run_starts else u.raw
+        text = text.rstrip() if run_ends else text
+        writers[split].add(text, run_ends)
+
+    prev_started = True
+    with open(tmp / TEST_FILE, "w", encoding="utf-8", newline="\n") as ftest:
+        for u in iter_units(sources, cfg):
+            st = res.src_stats[u.source]
+            st["units"] += 1
+            st["chars"] += len(u.raw)
+            if (u.source, u.doc) != last_doc:  # units come document by document
+                last_doc = (u.source, u.doc)
+                st["documents"] += 1
+            split = thr.split_of(u.h_split)
+            if pending is not None:
+                pu, ps = pending
+                ends = ps != split or (pu.source, pu.doc) != (u.source, u.doc)
+                emit(pu, ps, ends, prev_started)
+                prev_started = ends
+                pending = None
+            if split == "test":
+                prev_started = True
+                key = hashlib.blake2b(u.text.encode("utf-8"), digest_size=16).digest()
+                if key in seen_test:  # identical units share a hash, keep one copy for eval
+                    res.test_dupes += 1
+                    continue
+                seen_test.add(key)
+                rec = {"text": u.text, "source": sources[u.source].name, "doc": u.doc, "unit": u.index}
+                ftest.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                res.test_units += 1
+                res.test_chars += len(u.text)
+            else:
+                pending = (u, split)
+        if pending is not None:
+            emit(pending[0], pending[1], True, prev_started)
+    for w in writers.values():
+        w.close()
+    logger.info("tokenize, write: %.1fs", time.perf_counter() - t)
+    return res
+
+
+def _build(cfg: PrepareConfig, sources: list[Source], tok: Any, fingerprint: str, tmp: Path) -> dict[str, Any]:
+    thr: Thresholds | None = None
     bpe_info: dict[str, Any] | None = None
     if tok is None:
+        # a BPE trained on (a hash sample of) the train split only: the split must be known first
+        thr = _pass1_thresholds(sources, cfg)
+        t = time.perf_counter()
         train_chars = sum(len(u.text) for u in iter_units(sources, cfg) if thr.split_of(u.h_split) == "train")
         rate = min(1.0, cfg.bpe_max_chars / max(train_chars, 1))
         t_sample = sample_threshold(rate)
@@ -311,46 +442,21 @@ def _build(cfg: PrepareConfig, sources: list[Source], tok: Any, fingerprint: str
     dtype = token_dtype(vocab)
     eos_id = int(tok.eos_token_id)
 
-    # pass 3: tokenize train/val runs, write held-out test units raw
-    t = time.perf_counter()
-    writers = {s: _ShardWriter(shard_file(tmp, s), tok, dtype, eos_id, vocab) for s in SHARD_SPLITS}
-    test_units = test_chars = test_dupes = 0
-    seen_test: set[bytes] = set()
-    pending: tuple[Unit, str] | None = None  # (unit, split): written once we know if its run ends
-
-    def emit(u: Unit, split: str, run_ends: bool, run_starts: bool) -> None:
-        text = u.raw.lstrip("\r\n") if run_starts else u.raw
-        text = text.rstrip() if run_ends else text
-        writers[split].add(text, run_ends)
-
-    prev_started = True
-    with open(tmp / TEST_FILE, "w", encoding="utf-8", newline="\n") as ftest:
-        for u in iter_units(sources, cfg):
-            split = thr.split_of(u.h_split)
-            if pending is not None:
-                pu, ps = pending
-                ends = ps != split or (pu.source, pu.doc) != (u.source, u.doc)
-                emit(pu, ps, ends, prev_started)
-                prev_started = ends
-                pending = None
-            if split == "test":
-                prev_started = True
-                key = hashlib.blake2b(u.text.encode("utf-8"), digest_size=16).digest()
-                if key in seen_test:  # identical units share a hash, keep one copy for eval
-                    test_dupes += 1
-                    continue
-                seen_test.add(key)
-                rec = {"text": u.text, "source": sources[u.source].name, "doc": u.doc, "unit": u.index}
-                ftest.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                test_units += 1
-                test_chars += len(u.text)
+    enc = _Encoder(tok, tmp / TOKENIZER_DIR, cfg.processes())
+    try:
+        if thr is None:  # one pass at the nominal thresholds; pass 1 only if a split came out empty
+            written = _write_splits(sources, cfg, nominal_thresholds(cfg), enc, tmp, dtype, eos_id, vocab)
+            if written.fills(cfg):
+                thr = nominal_thresholds(cfg)
             else:
-                pending = (u, split)
-        if pending is not None:
-            emit(pending[0], pending[1], True, prev_started)
-    for w in writers.values():
-        w.close()
-    logger.info("pass 3 (tokenize, write): %.1fs", time.perf_counter() - t)
+                logger.info("a split is empty at the nominal thresholds (a small corpus): splitting by pass 1")
+                thr = _pass1_thresholds(sources, cfg)
+        if thr != nominal_thresholds(cfg) or bpe_info is not None:
+            written = _write_splits(sources, cfg, thr, enc, tmp, dtype, eos_id, vocab)
+    finally:
+        enc.close()
+    writers, src_stats = written.writers, written.src_stats
+    test_units, test_chars, test_dupes = written.test_units, written.test_chars, written.test_dupes
 
     content = {name: sha256_file(tmp / name) for name in ("train.bin", "val.bin", TEST_FILE)}
     for split, w in writers.items():  # the load-time check need not read what we just wrote

@@ -100,6 +100,14 @@ class Thresholds:
         return "test" if h < self.test else "val" if h < self.val else "train"
 
 
+def nominal_thresholds(cfg: PrepareConfig) -> Thresholds:
+    """The thresholds of the split fractions alone: :func:`thresholds` returns them whenever
+    every split asked for gets a unit by them (any corpus that is not tiny)."""
+    t_test = min(int(cfg.test_frac * HASH_SPACE), HASH_SPACE - 1)
+    t_val = min(int((cfg.test_frac + cfg.val_frac) * HASH_SPACE), HASH_SPACE - 1)
+    return Thresholds(t_test, max(t_val, t_test))
+
+
 def thresholds(hashes: np.ndarray, cfg: PrepareConfig) -> Thresholds:
     """Hash thresholds for the split fractions; a split asked for but left empty by a small
     corpus gets the unit(s) with the next-smallest hash (still deterministic)."""
@@ -109,7 +117,8 @@ def thresholds(hashes: np.ndarray, cfg: PrepareConfig) -> Thresholds:
             f"the corpus gives only {uniq.size} distinct unit(s) of <= {cfg.unit_chars} chars: too small to split "
             "into train/val/test; add text, raise --max-chars or lower --unit-chars"
         )
-    t_test = min(int(cfg.test_frac * HASH_SPACE), HASH_SPACE - 1)
+    nominal = nominal_thresholds(cfg)
+    t_test = nominal.test
     t_val = min(int((cfg.test_frac + cfg.val_frac) * HASH_SPACE), HASH_SPACE - 1)
     if cfg.test_frac > 0 and not (uniq < np.uint64(t_test)).any():
         t_test = int(uniq[0]) + 1
