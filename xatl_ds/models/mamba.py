@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Mixer
-from .gpu import check_scan_shapes
+from .scan_shapes import check_scan_shapes
 from .configuration import XatlConfig
 from .kernels import available, select_path
 

@@ -340,7 +340,7 @@ def selective_scan_triton(
     """Selective scan in Triton; same arguments and result as
     :func:`xatl_ds.models.mamba.selective_scan_ref` (channel-last, any strides, bf16/fp16/fp32
     inputs computed in fp32, ``out`` in ``u``'s dtype, final state ``(b, d, n)`` in fp32)."""
-    from . import check_scan_shapes
+    from ..scan_shapes import check_scan_shapes
 
     check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
     out, last = _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
