@@ -96,3 +96,22 @@ lock:
 
 clean:
 	rm -rf $(VENV) .cache runs
+
+# Issue 20: savings measured, not extrapolated. One target per study (analysis/studies.py):
+# prepare, copy in sources another study already trained (same key), train two runs at a time
+# (rerun to resume: finished runs skipped, broken ones resumed), report, the study's analysis and
+# its wall time (timing.csv) into docs/results/<folder>/. Budgets and time estimates: each
+# sweep file and docs/results/<folder>/README.md; the whole set ~6 hours on an idle 2-core machine.
+# `make studies` runs them in the order that shares the most sources, then the law.
+.PHONY: study-headlines study-length study-source-tokens study-recipes-confirm study-law studies
+study-headlines: $(STAMP)
+	$(PY) -m analysis.studies headlines
+study-length: $(STAMP)
+	$(PY) -m analysis.studies length
+study-source-tokens: $(STAMP)
+	$(PY) -m analysis.studies source-tokens
+study-recipes-confirm: $(STAMP)
+	$(PY) -m analysis.studies recipes-confirm
+study-law: $(STAMP)
+	$(PY) -m analysis.studies law
+studies: study-headlines study-length study-source-tokens study-recipes-confirm study-law
