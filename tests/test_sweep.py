@@ -92,16 +92,18 @@ def test_bad_combination_fails_before_anything_starts(tmp_path):
 def test_dry_run_prints_the_exact_commands(tmp_path, tiny_dataset):
     sw = load_sweep(sweep_dict(tmp_path / "sw", data=str(tiny_dataset), launch={"num_gpus": 2}))
     buf = io.StringIO()
-    assert run_sweep(sw, LaunchOptions(hostfile="hosts", launcher="slurm"), dry_run=True, out=buf) == 0
+    hosts = str(tmp_path / "hosts")  # a dry run checks the hostfile as the launcher would
+    Path(hosts).write_text("localhost slots=2\n")
+    assert run_sweep(sw, LaunchOptions(hostfile=hosts, launcher="slurm"), dry_run=True, out=buf) == 0
     cmds = [shlex.split(x) for x in buf.getvalue().splitlines() if not x.startswith("#")]
     runs = expand(sw)
-    opts = LaunchOptions(num_gpus=2, hostfile="hosts", launcher="slurm")
+    opts = LaunchOptions(num_gpus=2, hostfile=hosts, launcher="slurm")
     # the same commands, with the configs in a temporary folder: they run as printed
     assert [c[:-1] for c in cmds] == [deepspeed_command(r.config_path, opts)[:-1] for r in runs]
     for c, r in zip(cmds, runs):
         assert c[-2] == "--config" and yaml.safe_load(Path(c[-1]).read_text()) == r.config
         assert not Path(c[-1]).is_relative_to(tmp_path)
-    assert cmds[0][1:5] == ["--hostfile", "hosts", "--launcher", "slurm"] and "--num_gpus" in cmds[0]
+    assert cmds[0][1:5] == ["--hostfile", hosts, "--launcher", "slurm"] and "--num_gpus" in cmds[0]
     assert not (tmp_path / "sw").exists()
 
 

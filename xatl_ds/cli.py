@@ -232,16 +232,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_run_config(args.config, args.override)  # fail here, before any process starts
-        preflight(cfg)
+        preflight(cfg, launch=_launch_options(args))  # and everything a rank or the launcher would refuse
     except (ConfigError, PreflightError) as e:
         return _fail("train", f"bad config: {e}")
-    if args.dry_run:
-        print(shlex.join(deepspeed_command(args.config, _launch_options(args), args.override)))
-        return 0
     try:
         check_free(cfg.out_dir)
     except RunLocked as e:
         return _fail("train", e, 3)
+    if args.dry_run:
+        print(shlex.join(deepspeed_command(args.config, _launch_options(args), args.override)))
+        return 0
     _announce_cpu_op_build()
     rc = run_foreground(deepspeed_command(args.config, with_port(_launch_options(args)), args.override))
     if rc == 0:

@@ -126,8 +126,12 @@ def place(root: Path, cfg: dict, name: str, *, role: str = "run", sources: dict[
     for section, field_ in (("init", "source"), ("distill", "teacher")):
         node = cfg.get(section) or {}
         ref = node.get(field_)
-        if not (isinstance(ref, str) and ref.startswith(SOURCE_REF)):
+        if not (isinstance(ref, str) and ref.startswith("@")):
             continue
+        if not (ref == SOURCE_REF or ref.startswith(SOURCE_REF + ":")):
+            raise PlanError(f"run {name}: {section}.{field_}={ref!r} is not a placeholder: write {SOURCE_REF!r} (this "
+                            f"file's source), '{SOURCE_REF}:NAME' (one of its sources:) or a model directory or hub "
+                            "name (which never starts with '@')")  # fmt: skip
         src = (sources or {}).get(ref)
         if src is None and not sources:
             raise PlanError(f"run {name}: {section}.{field_} is {ref!r} but there is no source: section (or sources:)")

@@ -424,19 +424,32 @@ def slot_options(opts: LaunchOptions, slot: int, max_parallel: int, n_devices: i
     return o
 
 
-def _preflight(runs: list[RunSpec], world_size: int | None) -> None:
+def _preflight(runs: list[RunSpec], world_size: int | None, gpus: int | None = None) -> None:
     """What would fail inside a launched rank, checked for every unfinished run before any
     starts (a source the sweep trains itself is checked when its run starts)."""
     from .config import load_run_config
     from .preflight import PreflightError, preflight
 
     for r in runs:
-        if r.dir.is_done():
-            continue
         try:
-            preflight(load_run_config(r.config), world_size=world_size, check_source=not r.needs)
+            preflight(load_run_config(r.config), world_size=world_size, check_source=not r.needs, gpus=gpus)
         except PreflightError as e:
             raise SweepError(f"run {r.name}: {e}") from None
+
+
+def launch_world_size(opts: LaunchOptions, max_parallel: int, n_devices: int) -> int:
+    """The world size of each run of a sweep launched with ``opts`` (after the launcher's own
+    checks: :func:`xatl_ds.preflight.check_launch`); concurrent runs on a GPU node each get
+    ``num_gpus`` (default 1) devices."""
+    from .preflight import PreflightError, check_launch
+
+    try:
+        world = check_launch(opts, n_devices)
+    except PreflightError as e:
+        raise SweepError(str(e)) from None
+    if max_parallel > 1 and n_devices and not opts.hostfile:
+        return opts.num_gpus or 1
+    return world
 
 
 #: seconds a launcher gives a run's previous trainer to let go of its lock (an orphan of a
@@ -451,11 +464,13 @@ def run_sweep(sweep: Sweep, opts: LaunchOptions | None = None, *, max_parallel: 
     ``out``: progress lines (default stdout)."""
     out = out or sys.stdout
     opts = sweep.launch.merged(opts)
-    runs = expand(sweep, world_size=opts.world_size())  # everything validated before anything starts
     if max_parallel < 1:
         raise SweepError("--max-parallel must be >= 1")
-    n_dev = cuda_devices() if max_parallel > 1 else 0
-    _preflight(runs, opts.world_size())
+    gpus = cuda_devices()
+    world = launch_world_size(opts, max_parallel, gpus)
+    runs = expand(sweep, world_size=world)  # everything validated before anything starts
+    n_dev = gpus if max_parallel > 1 else 0
+    _preflight(runs, world, gpus)
     if dry_run:
         # the commands must run exactly as printed, so their configs exist, in a temporary folder:
         # nothing is written under the sweep root (a real run writes ROOT/configs/)

@@ -41,7 +41,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, RunConfig, check_ds_config, ds_config_path, load_run_config
+from .build import build_model  # noqa: F401  (the trainer's model; re-exported for callers)
+from .config import ConfigError, RunConfig, load_run_config
+from .preflight import PreflightError, build_ds_config, check_run_dir, recorded_hash, resolve_precision  # noqa: F401
 from .rundir import RunDir, RunLocked
 from .safe_load import CheckpointError
 from .sizes import get_size
@@ -100,81 +102,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def resolve_precision(cfg: RunConfig, device: torch.device) -> str:
-    p = cfg.deepspeed.precision
-    if p == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return p
-
-
-def build_ds_config(cfg: RunConfig, world: int, precision: str) -> dict:
-    """The named ds_configs/ JSON with batch, clipping and precision filled from the run."""
-    ds = check_ds_config(ds_config_path(cfg.deepspeed.config))
-    micro, gas = cfg.batch_layout(world)
-    ds["train_batch_size"] = cfg.data.batch_size
-    ds["train_micro_batch_size_per_gpu"] = micro
-    ds["gradient_accumulation_steps"] = gas
-    ds["gradient_clipping"] = cfg.optim.grad_clip
-    ds.pop("scheduler", None)  # a DS scheduler would overwrite the per-stage learning rates
-    ds.pop("optimizer", None)  # the client AdamW carries the stage groups
-    for key in ("bf16", "fp16"):
-        ds.pop(key, None)
-    if precision == "bf16":
-        ds["bf16"] = {"enabled": True}
-    elif precision == "fp16":
-        ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
-    for k, v in list(ds.items()):
-        if v == "auto":
-            raise ConfigError(f"{cfg.deepspeed.config}: field {k!r} is 'auto' and xatl-ds cannot fill it")
-    return ds
-
-
 # -- model ------------------------------------------------------------------------------
-def build_model(cfg: RunConfig, vocab_size: int):
-    """Returns (model, transfer report as a dict, or None for scratch runs)."""
-    from .models import XatlConfig, XatlForCausalLM
-
-    m = cfg.model
-    ssm = dict(d_state=m.d_state, d_conv=m.d_conv, expand=m.expand, mamba2_headdim=m.mamba2_headdim,
-               mamba2_ngroups=m.mamba2_ngroups, chunk_size=m.chunk_size, kernels=m.kernels)  # fmt: skip
-    torch.manual_seed(cfg.seed)
-    if cfg.init.kind == "scratch":
-        size = get_size(m.size)
-        mc = XatlConfig(
-            family=m.family, vocab_size=m.vocab_size or vocab_size, hidden_size=size.d_model,
-            num_hidden_layers=size.n_layers, num_attention_heads=size.n_heads, mixer=m.mixer,
-            attention_layers=m.attention_layers, **ssm,
-        )  # fmt: skip
-        # the export must not claim a shorter context than the model was trained on
-        mc.max_position_embeddings = max(mc.max_position_embeddings, cfg.data.seq_len)
-        if mc.vocab_size < vocab_size:
-            raise ConfigError(f"model.vocab_size={mc.vocab_size} is smaller than the dataset's {vocab_size}")
-        return XatlForCausalLM(mc), None
-    from .data import dataset_tokenizer_fingerprint
-    from .transfer import check_tokenizer_compat, load_source, transfer
-
-    # before the weights load: data tokenized with another tokenizer would train silently
-    warning = check_tokenizer_compat(cfg.init.source, dataset_tokenizer_fingerprint(cfg.data.path))
-    src = load_source(cfg.init.source)
-    mc = XatlConfig.from_source(src.model.config, mixer=m.mixer, attention_layers=m.attention_layers, **ssm)
-    if cfg.data.seq_len > mc.max_position_embeddings:
-        raise ConfigError(
-            f"data.seq_len={cfg.data.seq_len} is longer than init.source {cfg.init.source!r} was trained for "
-            f"(max_position_embeddings {mc.max_position_embeddings}); use data.seq_len <= {mc.max_position_embeddings}"
-        )
-    if mc.vocab_size < vocab_size:
-        raise ConfigError(
-            f"init.source {cfg.init.source!r} has vocab {mc.vocab_size} but the dataset at data.path uses "
-            f"{vocab_size} ids: prepare the data with the source's tokenizer (xatl-ds data prepare --tokenizer SRC)"
-        )
-    model = XatlForCausalLM(mc)
-    report = transfer(src.model, model, cfg.init.components, strict=cfg.init.strict, mixer_init=cfg.init.mixer)
-    if warning:
-        report.warnings.append(warning)
-    del src
-    return model, report.to_dict()
-
-
 def compile_blocks(model, **compile_kwargs) -> int:
     """Regional compilation (``train.compile``): ``torch.compile`` each block in place
     (``nn.Module.compile``: the module and its parameter names stay, so the optimizer groups,
@@ -229,7 +157,7 @@ class Trainer:
         self.val_data = PackedTokens(cfg.data.path, "val")
         self.val_data.check_fits(cfg.data.seq_len, cfg.eval.batches, 1)  # not only at the first evaluation
         self.micro, self.gas = cfg.batch_layout(world)
-        self.precision = resolve_precision(cfg, device)
+        self.precision = resolve_precision(cfg, device.type)
 
         model, self.transfer_report = build_model(cfg, self.train_data.vocab_size)
         self.model_config = model.config
@@ -823,19 +751,16 @@ def main(argv=None) -> int:
 
 def check_finished(rd: RunDir, cfg: RunConfig) -> bool:
     """Whether ``rd`` holds this config's finished run. A finished run of a *different*
-    config (edited since) is a ConfigError: its results would be taken for this one's."""
-    if not rd.is_done():
-        return False
+    config (edited since) is a ConfigError: its results would be taken for this one's
+    (:func:`xatl_ds.preflight.check_run_dir`, which the launcher ran already)."""
+    if Path(rd.path) != Path(cfg.out_dir):
+        from dataclasses import replace
+
+        cfg = replace(cfg, out_dir=str(rd.path))
     try:
-        done_hash = rd.meta().get("config_hash")
-    except ValueError as e:
-        raise ConfigError(f"{e}; or delete {rd.done_path} to train the run again") from None
-    if done_hash is not None and done_hash != cfg.content_hash():
-        raise ConfigError(
-            f"{rd.path} holds a finished run of a different config (hash {done_hash}, this config "
-            f"{cfg.content_hash()}): use another out_dir, or delete {rd.path} to train it again"
-        )
-    return True
+        return check_run_dir(cfg)
+    except PreflightError as e:
+        raise ConfigError(str(e)) from None
 
 
 if __name__ == "__main__":

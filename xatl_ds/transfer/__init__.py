@@ -23,7 +23,7 @@ from .mixer_init import MIXER_INITS
 from .planner import ATTN_OUT_MISMATCH, DEFAULT_COMPONENTS, TransferPlan, plan_transfer
 from .request import TransferRequest, transfer_to_dir
 from .report import REPORT_FILE, ComponentReport, InitTensor, LayerInitReport, TensorCopy, TransferReport, transferred_parameter_names
-from .source import LoadedSource, check_source_files, load_source
+from .source import LoadedSource, check_source_files, load_source, source_config
 from .target import build_target
 from .tokenizer import check_tokenizer_compat
 
@@ -51,6 +51,7 @@ __all__ = [
     "check_tokenizer_compat",
     "copy_plan",
     "load_source",
+    "source_config",
     "plan_transfer",
     "source_config_kwargs",
     "source_family",

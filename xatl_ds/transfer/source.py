@@ -18,7 +18,8 @@ from torch import nn
 from ..families import SUPPORTED_SOURCES, source_family
 from .errors import SourceLoadError
 
-__all__ = ["TOKENIZER_FILES", "LoadedSource", "check_safetensors_file", "load_source", "load_source_tokenizer"]
+__all__ = ["TOKENIZER_FILES", "LoadedSource", "check_safetensors_file", "load_source", "load_source_tokenizer",
+           "source_config"]
 
 #: files whose presence means a directory ships a tokenizer
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -100,15 +101,12 @@ def load_source_tokenizer(src: str | os.PathLike) -> Any:
         return None
 
 
-def load_source(src: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedSource:
-    """Load a source causal LM (hub name or local ``save_pretrained`` directory) and its tokenizer.
-
-    Raises FileNotFoundError for a missing directory or one without ``config.json``,
-    :class:`SourceLoadError` (a ValueError) for weights that are missing, pickle-only,
-    truncated or incomplete, or a checkpoint that is not a causal LM (a base model or another
-    head, whose LM head would be silently random), ValueError for an unsupported family.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
+def source_config(src: str | os.PathLike) -> tuple[Any, str]:
+    """Everything :func:`load_source` checks before it reads weights: the directory or hub name,
+    its config.json (a supported causal LM), and for a local directory the safetensors files'
+    headers (:func:`check_source_files`). Returns ``(transformers config, where)``; raises as
+    :func:`load_source` does. Reads no tensor: a launcher's preflight calls it."""
+    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     src = str(src)
@@ -142,6 +140,21 @@ def load_source(src: str | os.PathLike, dtype: torch.dtype = torch.float32) -> L
         )
     if local:
         check_source_files(path)
+    return config, where
+
+
+def load_source(src: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedSource:
+    """Load a source causal LM (hub name or local ``save_pretrained`` directory) and its tokenizer.
+
+    Raises FileNotFoundError for a missing directory or one without ``config.json``,
+    :class:`SourceLoadError` (a ValueError) for weights that are missing, pickle-only,
+    truncated or incomplete, or a checkpoint that is not a causal LM (a base model or another
+    head, whose LM head would be silently random), ValueError for an unsupported family.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config, where = source_config(src)
+    src = str(src)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             where, dtype=dtype, trust_remote_code=False, use_safetensors=True, output_loading_info=True
