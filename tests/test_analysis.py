@@ -470,7 +470,7 @@ def test_non_embedding_params_and_the_ladder_span():
     assert non_embedding_params(as_meta) == non_embedding_params(hybrid) == non_embedding_params(hybrid.to_dict())
     assert non_embedding_params(size_config("tiny", "mamba")) > non_embedding_params(hybrid)  # Mamba mixers are wider
     runs = expand(load_sweep(Path(__file__).parents[1] / "sweeps" / "cpu_ladder.yaml"))
-    ladder = sorted({r.config["model"]["size"] for r in runs if r.init_kind == "scratch" and r.role != "source"})
+    ladder = sorted({r.config.model.size for r in runs if r.init_kind == "scratch" and r.role != "source"})
     assert len(ladder) == 3
     for att in ("none", "paper"):
         n = [non_embedding_params(size_config(s, "mamba", att)) for s in ladder]

@@ -88,10 +88,10 @@ def test_confirmation_plan_and_report(tmp_path):
     assert best.params != REF, "the fake objective rewards a low threshold: the sampler beats 0.01"
     sweep = load_sweep(confirm_sweep(spec, study))
     runs = expand(sweep)
-    assert sorted((r.labels["schedule"], r.config["seed"]) for r in runs) == sorted(
+    assert sorted((r.labels["schedule"], r.config.seed) for r in runs) == sorted(
         (s, k) for s in ("best", "paper") for k in (100, 101, 102))
     for r in runs:
-        cfg = load_run_config(r.config)
+        cfg = r.config
         want = best.params["freeze.threshold"] if r.labels["schedule"] == "best" else 0.01
         assert cfg.freeze.threshold == pytest.approx(want)
         assert cfg.init.components == ["embed", "lm_head", "mlp"] or r.labels["schedule"] == "best"
@@ -99,7 +99,7 @@ def test_confirmation_plan_and_report(tmp_path):
     loss = {("best", 100): 3.00, ("best", 101): 3.10, ("best", 102): 2.90,
             ("paper", 100): 3.02, ("paper", 101): 3.13, ("paper", 102): 2.94}  # fmt: skip
     for r in runs:
-        finish(r.out_dir, loss[(r.labels["schedule"], r.config["seed"])])
+        finish(r.out_dir, loss[(r.labels["schedule"], r.config.seed)])
     out = tmp_path / "report"
     assert run_confirm(spec, report_out=out) == 0
     rep = json.loads((out / "confirm.json").read_text())

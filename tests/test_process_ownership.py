@@ -142,7 +142,7 @@ def test_sweep_launcher_killed_leaves_no_orphan_and_no_double_training(tmp_path,
     wait_for(lambda: run_dir() is not None and len(steps_logged(run_dir())) >= 6, 300, "the sweep's run to train")
     proc.send_signal(sig)  # the sweep launcher stops or dies: its run must not keep training on its own
     proc.wait(timeout=60)
-    assert_no_orphans(str(tmp_path / "sw" / "configs"))
+    assert_no_orphans(str(tmp_path / "sw" / "runs"))
     assert_resumes_exactly([XATL, "sweep", "run", str(f)], run_dir())
 
 

@@ -211,16 +211,16 @@ def test_issue20_sweeps_expand_with_the_planned_budgets():
                  "recipes_confirm": 57}  # fmt: skip
 
     def flops(r):
-        return float(r.config["budget"]["flops"])
+        return float(r.config.budget.flops)
 
     ll = runs["ladder_long"]
     for r in ll:
         if not r.is_source:
-            B = {"mini": 8.0e11, "tiny": 1.91e12, "small": 3.67e12}[r.config["model"]["size"]]
+            B = {"mini": 8.0e11, "tiny": 1.91e12, "small": 3.67e12}[r.config.model.size]
             assert flops(r) == pytest.approx(B * (10 if r.init_kind == "scratch" else 1))
     for r in runs["savings_length"]:
         if not r.is_source:
-            B = {"mini": 8.0e11, "tiny": 1.91e12}[r.config["model"]["size"]]
+            B = {"mini": 8.0e11, "tiny": 1.91e12}[r.config.model.size]
             assert flops(r) == pytest.approx(B * (30 if r.init_kind == "scratch" else 10))
     # the studies share their sources by key (the copy in analysis.studies.reuse_sources)
     keys = {f: {r.key for r in rs if r.is_source} for f, rs in runs.items()}

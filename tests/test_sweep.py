@@ -18,8 +18,8 @@ import yaml
 from conftest import REPO, train_env
 from xatl_ds.config import load_run_config
 from xatl_ds.executor import LaunchOptions, deepspeed_command
-from xatl_ds.sweep import (SOURCE_REF, Index, SweepError, expand, format_table, load_sweep, run_sweep,
-                           slot_options, status_rows, write_configs)  # fmt: skip
+from xatl_ds.scheduler import SchedulerError, slot_options
+from xatl_ds.sweep import SOURCE_REF, Index, SweepError, expand, format_table, load_sweep, run_sweep, status_rows
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml")) + sorted((REPO / "sweeps" / "studies").glob("*.yaml"))
 
@@ -46,20 +46,20 @@ def test_expand_grid_zip_presets_and_source(tmp_path):
     runs = expand(sw)
     assert len(runs) == 1 + 2 * 2 * 2 and runs[0].is_source
     src = runs[0]
-    assert src.config["model"]["mixer"] == "attention" and src.config["init"]["kind"] == "scratch"
-    assert src.config["data"]["seq_len"] == 32, "the source inherits data from base"
+    assert src.config.model.mixer == "attention" and src.config.init.kind == "scratch"
+    assert src.config.data.seq_len == 32, "the source inherits data from base"
     names = [r.name for r in runs[1:]]
     assert names[:4] == ["mamba-scratch-s0", "mamba-scratch-s1", "mamba-xatl-lit-s0", "mamba-xatl-lit-s1"]
     assert "retnet-attn1-xatl-lit-s1" in names
     for r in runs[1:]:
         c = r.config
-        if c["init"]["kind"] == "xatl":
-            assert r.needs_source and c["init"]["source"] == str(src.out_dir / "hf")
+        if c.init.kind == "xatl":
+            assert r.needs_source and c.init.source == str(src.out_dir / "hf")
         else:
-            assert c["init"]["source"] is None and not r.needs_source
-        assert c["budget"]["flops"] == 1.0e12, "one FLOP budget for every run: compute-matched"
-        assert load_run_config(c).content_hash() == r.id
-        assert Path(c["out_dir"]) == r.out_dir and r.out_dir.parent == sw.root / "runs"
+            assert c.init.source is None and not r.needs_source
+        assert c.budget.flops == 1.0e12, "one FLOP budget for every run: compute-matched"
+        assert c.content_hash() == r.id and load_run_config(c.to_dict()) == c
+        assert Path(c.out_dir) == r.out_dir and r.out_dir.parent == sw.root / "runs"
     assert len({r.id for r in runs}) == len(runs) and len({r.out_dir for r in runs}) == len(runs)
     assert [r.id for r in expand(load_sweep(sweep_dict(tmp_path / "sw")))] == [r.id for r in runs], "ids are stable"
     # a different source changes the id of every run that transfers from it
@@ -68,9 +68,9 @@ def test_expand_grid_zip_presets_and_source(tmp_path):
     changed = {r.name: r.id for r in expand(load_sweep(other))}
     for r in runs[1:]:
         assert (changed[r.name] != r.id) == r.needs_source, r.name
-    write_configs(runs)
     for r in runs:
-        assert load_run_config(r.config_path).to_dict() == r.config
+        assert r.write_config() == r.out_dir / "config.yaml", "the run folder holds the only copy"
+        assert load_run_config(r.config_path) == r.config
 
 
 def test_bad_combination_fails_before_anything_starts(tmp_path):
@@ -101,7 +101,7 @@ def test_dry_run_prints_the_exact_commands(tmp_path, tiny_dataset):
     # the same commands, with the configs in a temporary folder: they run as printed
     assert [c[:-1] for c in cmds] == [deepspeed_command(r.config_path, opts)[:-1] for r in runs]
     for c, r in zip(cmds, runs):
-        assert c[-2] == "--config" and yaml.safe_load(Path(c[-1]).read_text()) == r.config
+        assert c[-2] == "--config" and yaml.safe_load(Path(c[-1]).read_text()) == r.config.to_dict()
         assert not Path(c[-1]).is_relative_to(tmp_path)
     assert cmds[0][1:5] == ["--hostfile", hosts, "--launcher", "slurm"] and "--num_gpus" in cmds[0]
     assert not (tmp_path / "sw").exists()
@@ -121,7 +121,7 @@ def test_slot_options_pin_devices_and_ports():
 
     p1, p2 = with_port(cpu).master_port, with_port(cpu).master_port
     assert p1 and p2 and with_port(LaunchOptions(master_port=29600)).master_port == 29600
-    with pytest.raises(SweepError, match="needs 6 devices"):
+    with pytest.raises(SchedulerError, match="needs 6 devices"):
         slot_options(LaunchOptions(num_gpus=2), 0, 3, 4)
 
 
@@ -140,7 +140,7 @@ def test_shipped_sweep_files_validate(path):
     expected = {"quickstart.yaml": 7, "pythia_paper.yaml": 24, "scaling.yaml": 60}
     if path.name in expected:
         assert len(runs) == expected[path.name]
-    kinds = {r.config["init"]["kind"] for r in runs if not r.is_source}
+    kinds = {r.config.init.kind for r in runs if not r.is_source}
     assert kinds == {"scratch", "xatl"}, f"{path.name}: XATL vs scratch"
 
 
@@ -149,8 +149,8 @@ def test_shipped_sweeps_are_compute_matched():
         runs = [r for r in expand(load_sweep(REPO / "sweeps" / name)) if not r.is_source]
         by_size: dict[str, set] = {}
         for r in runs:
-            assert r.config["budget"]["flops"], f"{name}: {r.name} has no FLOP budget"
-            by_size.setdefault(r.config["model"]["size"], set()).add(r.config["budget"]["flops"])
+            assert r.config.budget.flops, f"{name}: {r.name} has no FLOP budget"
+            by_size.setdefault(r.config.model.size, set()).add(r.config.budget.flops)
         assert all(len(v) == 1 for v in by_size.values()), (name, by_size)
 
 
@@ -261,12 +261,12 @@ def test_named_sources_and_recorded_baselines(tmp_path):
     for size in ("micro", "tiny"):
         for seed in (0, 1):
             scratch = by_name[f"{size}-scratch-s{seed}"]
-            assert scratch.config["budget"]["steps"] == 30 and scratch.baseline is None
+            assert scratch.config.budget.steps == 30 and scratch.baseline is None
             for v in ("lit", "nofreeze"):
                 x = by_name[f"{size}-{v}-s{seed}"]
-                assert x.config["budget"]["steps"] == 10, "XATL runs keep the base budget"
+                assert x.config.budget.steps == 10, "XATL runs keep the base budget"
                 assert x.baseline == scratch.key
-                assert x.config["init"]["source"] == str(srcs[f"source-{size}"].out_dir / "hf")
+                assert x.config.init.source == str(srcs[f"source-{size}"].out_dir / "hf")
                 assert x.needs == [srcs[f"source-{size}"].key]
     idx = Index(sw, runs)
     rec = {r["name"]: r for r in idx.records.values()}
@@ -314,7 +314,7 @@ def test_a_teacher_is_a_dependency_like_a_source(tmp_path):
     })  # fmt: skip
     srcs = {r.name: r for r in expand(sw) if r.is_source}
     (run,) = [r for r in expand(sw) if not r.is_source]
-    assert run.config["distill"]["teacher"] == str(srcs["source-big"].out_dir / "hf")
+    assert run.config.distill.teacher == str(srcs["source-big"].out_dir / "hf")
     assert run.needs == [srcs["source-src"].key, srcs["source-big"].key], "the run waits for both"
 
 

@@ -72,7 +72,7 @@ def run_rows(sweep) -> pd.DataFrame:
     rows = []
     for r in expand(sweep):
         evals = [m for m in r.dir.read_metrics() if m.get("val_loss") is not None] if r.dir.is_done() else []
-        rows.append({"setting": r.labels["schedule"], "seed": int(r.config["seed"]),
+        rows.append({"setting": r.labels["schedule"], "seed": int(r.config.seed),
                      "val_loss": float(evals[-1]["val_loss"]) if evals else None,
                      "flops": float(evals[-1]["flops"]) if evals else None, "run_dir": str(r.out_dir)})  # fmt: skip
     return pd.DataFrame(rows, columns=["setting", "seed", "val_loss", "flops", "run_dir"])

@@ -35,16 +35,15 @@ def run(sweep_file: Path, eval_limit: int | None = None, report_out: Path | None
     sweep = load_sweep(sweep_file)
     if only:
         sweep = select(sweep, only)  # a subset of the grid (``--only size=mini``)
-    runs = expand(sweep)  # validates every run config before anything starts
-    data_dir = Path(runs[0].config["data"]["path"]) if isinstance(runs[0].config, dict) else None
-    data_dir = data_dir or Path("runs/data/builtin")
+    runs = expand(sweep)  # validates every run config once, before anything starts
+    data_dir = Path(runs[0].config.data.path)
 
     _say(f"1/4 preparing the built-in corpus into {data_dir} (skipped when done)")
     meta = prepare(PrepareConfig(out=data_dir))
     _say(f"    {meta['splits']['train']['tokens']:,} training tokens, vocab {meta['vocab_size']}")
 
     _say(f"2/4 training {len(runs)} runs of {sweep_file.name} (source first; logs in {sweep.root / 'logs'})")
-    rc = run_sweep(sweep, max_parallel=max_parallel)
+    rc = run_sweep(sweep, max_parallel=max_parallel, runs=runs)
     if rc != 0:
         _say(f"the sweep stopped (exit code {rc}); rerun the same command to continue (finished runs are kept)")
         return rc

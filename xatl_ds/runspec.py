@@ -1,7 +1,13 @@
 """A run as planned: a validated run config, its id, its directory and what it depends on.
 
-Sweeps (:mod:`xatl_ds.sweep`) and Optuna studies (:mod:`xatl_ds.tune`) are planners that turn
-their files into :class:`RunSpec` s; both place a source Transformer the same way
+A run is one typed value from plan to report: :func:`place` validates a config once and
+returns a :class:`RunSpec` holding the :class:`~xatl_ds.config.RunConfig`; the scheduler
+(:mod:`xatl_ds.scheduler`) writes it to the run directory's ``config.yaml``, the only serialised
+copy (the trainer reads it there, ``meta.json`` refers to it, analysis reads it back typed).
+
+Sweeps (:mod:`xatl_ds.sweep`), Optuna studies (:mod:`xatl_ds.tune`), confirmations and the
+studies of :mod:`analysis.studies` are planners that turn their files into RunSpecs; all place
+a source Transformer the same way
 (:func:`source_spec`): a dependency node trained first, whose ``hf/`` export replaces the
 ``@source`` placeholder of the runs that transfer from it. A planner also records which
 scratch run each XATL run is compared with (``baseline``), so analysis reads the pairing
@@ -13,11 +19,12 @@ import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from .rundir import RunDir
+
+if TYPE_CHECKING:  # the config package is loaded when a run is placed, not on import
+    from .config import RunConfig
 
 __all__ = ["SOURCE_REF", "SOURCE_INHERITS", "RunSpec", "PlanError", "place", "source_spec", "check_name"]
 
@@ -51,10 +58,10 @@ class RunSpec:
     """Readable name, e.g. ``mamba-xatl-lit-s0``."""
     id: str
     """``RunConfig.content_hash()``: changes whenever anything the run computes changes."""
-    config: dict
-    """The validated run config as a plain dict (``out_dir`` filled in)."""
+    config: "RunConfig"
+    """The validated run config (``out_dir`` filled in); never re-validated downstream."""
     root: Path
-    """The planner's root folder (``configs/`` and ``runs/`` live below it)."""
+    """The planner's root folder (``runs/`` and ``logs/`` live below it)."""
     key: str = ""
     """The run's file stem: ``<name>-<id>``."""
     role: str = "run"
@@ -68,15 +75,16 @@ class RunSpec:
 
     @property
     def dir(self) -> RunDir:
-        return RunDir(self.config["out_dir"])
+        return RunDir(self.config.out_dir)
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.config["out_dir"])
+        return Path(self.config.out_dir)
 
     @property
     def config_path(self) -> Path:
-        return self.root / "configs" / f"{self.key}.yaml"
+        """Where the run's config lives: its directory's ``config.yaml``."""
+        return self.dir.config
 
     @property
     def is_source(self) -> bool:
@@ -88,13 +96,14 @@ class RunSpec:
 
     @property
     def init_kind(self) -> str:
-        return (self.config.get("init") or {}).get("kind", "scratch")
+        return self.config.init.kind
 
     def write_config(self, path: Path | None = None) -> Path:
-        """Write the config YAML (only when its text changed); returns the path."""
+        """Write the config YAML (only when its text changed; the trainer writes the same text)
+        to ``path`` (default :attr:`config_path`); returns the path."""
         p = path or self.config_path
         p.parent.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump(self.config, sort_keys=False)
+        text = self.config.to_yaml()
         if not p.is_file() or p.read_text() != text:
             p.write_text(text)
         return p
@@ -144,10 +153,9 @@ def place(root: Path, cfg: dict, name: str, *, role: str = "run", sources: dict[
     cfg["name"] = name
     cfg["out_dir"] = str(out_dir) if out_dir is not None else "<placed>"
     rc = _validated(cfg, f"run {name}")
-    d = rc.to_dict()
     key = f"{name}-{rc.content_hash()}"
-    d["out_dir"] = str(out_dir if out_dir is not None else Path(root) / "runs" / key)
-    return RunSpec(name=name, id=rc.content_hash(), config=d, root=Path(root), key=key, role=role, needs=needs)
+    rc.out_dir = str(out_dir if out_dir is not None else Path(root) / "runs" / key)
+    return RunSpec(name=name, id=rc.content_hash(), config=rc, root=Path(root), key=key, role=role, needs=needs)
 
 
 def source_spec(root: Path, base: dict, section: dict | None, name: str | None = None) -> RunSpec | None:
@@ -169,10 +177,10 @@ def size_of(spec: RunSpec, specs: dict[str, RunSpec]) -> str | None:
     """The size name the run was planned at: its own ``model.size`` for scratch runs, its
     source's for XATL runs from a planned source (None for an outside source)."""
     if spec.init_kind == "scratch":
-        return (spec.config.get("model") or {}).get("size")
+        return spec.config.model.size
     for k in spec.needs:
         if k in specs:
-            return (specs[k].config.get("model") or {}).get("size")
+            return specs[k].config.model.size
     return None
 
 

@@ -38,9 +38,10 @@ pairing is written to ``sweep.json`` and read by ``xatl-ds report``. ``baseline:
 k}`` lets every scratch run train k times the base budget (the report then measures effective
 compute: what scratch needs to reach each XATL loss).
 
-Layout of the root: ``configs/<run>.yaml`` (each expanded run config), ``runs/<run>/`` (the
-trainer's out_dir, a :class:`xatl_ds.rundir.RunDir`), ``logs/<run>.log``, ``sweep.json`` and
-``index.csv`` (run id, name, config path, state, return code, times, pairing). ``<run>`` is
+Layout of the root: ``runs/<run>/`` (the trainer's out_dir, a :class:`xatl_ds.rundir.RunDir`,
+whose ``config.yaml`` is the run's config), ``logs/<run>.log``, ``sweep.json`` and ``index.csv``
+(run id, name, config path, state, return code, times, pairing). Running is the
+:class:`~xatl_ds.scheduler.Scheduler`'s job; this module plans. ``<run>`` is
 ``<readable name>-<content hash>``; names and labels must be safe file names.
 """
 from __future__ import annotations
@@ -50,21 +51,18 @@ import csv
 import itertools
 import json
 import re
-import shlex
-import signal
 import sys
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from .executor import Launch, LaunchOptions, RunLocked, check_free, cuda_devices, deepspeed_command, with_port
+from .executor import LaunchOptions, cuda_devices
 from .runspec import SOURCE_REF, PlanError, RunSpec, check_name, place, record, source_spec
+from .scheduler import STATES, Scheduler, SchedulerError, dir_state, slot_options
 
-__all__ = ["SOURCE_REF", "STATES", "Sweep", "SweepError", "Index", "load_sweep", "select", "expand", "write_configs",
-           "run_sweep", "status_rows", "format_table", "slot_options"]  # fmt: skip
+__all__ = ["SOURCE_REF", "STATES", "Sweep", "SweepError", "Index", "load_sweep", "select", "expand", "run_sweep",
+           "status_rows", "format_table"]  # fmt: skip
 
-STATES = ("pending", "running", "done", "failed")
 _SWEEP_KEYS = {"name", "out_dir", "base", "axes", "source", "sources", "launch", "baseline"}
 #: run config sections whose axis values make a recipe (what XATL and scratch runs differ in)
 _RECIPE_PREFIXES = ("init.", "freeze.", "distill.", "align.")
@@ -319,14 +317,19 @@ def _expand(sweep: Sweep, world_size: int | None) -> list[RunSpec]:
         if names.count(r.name) > 1:
             r.name = r.key
     if world_size:
-        from .config import ConfigError, load_run_config
-
-        for r in runs:
-            try:
-                load_run_config(r.config).batch_layout(world_size)
-            except ConfigError as e:
-                raise SweepError(f"run {r.name}: {e}") from None
+        check_world_size(runs, world_size)
     return runs
+
+
+def check_world_size(runs: list[RunSpec], world_size: int) -> None:
+    """Each run's batch divides over ``world_size`` ranks (else :class:`SweepError`)."""
+    from .config import ConfigError
+
+    for r in runs:
+        try:
+            r.config.batch_layout(world_size)
+        except ConfigError as e:
+            raise SweepError(f"run {r.name}: {e}") from None
 
 
 def _pair(sweep: Sweep, recipe: list[int], by_combo: dict[tuple, RunSpec]) -> None:
@@ -341,20 +344,15 @@ def _pair(sweep: Sweep, recipe: list[int], by_combo: dict[tuple, RunSpec]) -> No
             run.baseline = candidates[0].key
 
 
-def write_configs(runs: list[RunSpec]) -> None:
-    """Write each run's config YAML (``configs/<key>.yaml``)."""
-    for r in runs:
-        r.write_config()
-
-
 # -- the index -----------------------------------------------------------------------------
 _INDEX_FIELDS = ("id", "name", "key", "config", "out_dir", "state", "returncode", "started", "finished", "pid",
                  "role", "baseline", "size")  # fmt: skip
+_LAUNCH_FIELDS = ("state", "returncode", "started", "finished", "pid")
 
 
 class Index:
     """``sweep.json`` + ``index.csv`` in the sweep root: one record per run (its plan, its
-    pairing and its last launch)."""
+    pairing and its last launch, as the scheduler reported it)."""
 
     FILE = "sweep.json"
 
@@ -373,10 +371,13 @@ class Index:
         self.records: dict[str, dict] = {}
         for r in runs:
             rec = {k: None for k in _INDEX_FIELDS}
-            rec.update({k: v for k, v in old.get(r.key, {}).items() if k in ("state", "returncode", "started", "finished", "pid")})
+            rec.update({k: v for k, v in old.get(r.key, {}).items() if k in _LAUNCH_FIELDS})
             rec.update(record(r, specs))
-            rec["state"] = run_state(r, rec)
+            rec["state"] = dir_state(r, rec["state"])
             self.records[r.key] = rec
+
+    def last_states(self) -> dict[str, str]:
+        return {k: rec["state"] for k, rec in self.records.items()}
 
     def update(self, run: RunSpec, **kw: Any) -> None:
         self.records[run.key].update(kw)
@@ -393,46 +394,15 @@ class Index:
             w.writerows(self.records.values())
 
 
-def run_state(run: RunSpec, rec: dict | None = None) -> str:
-    """``done`` (DONE written), ``running`` (a live trainer holds the run's lock), ``failed``
-    (a launch ended without DONE) or ``pending``."""
-    s = run.dir.state()
-    if s in ("done", "running"):
-        return s
-    rec = rec or {}
-    if rec.get("state") in ("running", "failed") or rec.get("returncode") not in (None, 0):
-        return "failed"
-    return "pending"
-
-
-# -- running -------------------------------------------------------------------------------
-def slot_options(opts: LaunchOptions, slot: int, max_parallel: int, n_devices: int) -> LaunchOptions:
-    """Launch options of concurrent slot ``slot``: on a GPU node its own ``--include
-    localhost:<devices>`` block of ``num_gpus`` devices (ports are free per launch)."""
-    if max_parallel <= 1:
-        return opts
-    o = LaunchOptions(**{**opts.__dict__, "extra": list(opts.extra)})
-    if opts.master_port:
-        o.master_port = opts.master_port + slot
-    if n_devices and not opts.hostfile:
-        per = opts.num_gpus or 1
-        if per * max_parallel > n_devices:
-            raise SweepError(f"--max-parallel {max_parallel} x {per} GPUs per run needs {per * max_parallel} "
-                             f"devices; this node has {n_devices}")  # fmt: skip
-        o.include = "localhost:" + ",".join(str(slot * per + i) for i in range(per))
-        o.num_gpus = None
-    return o
-
-
+# -- running: preflight, then the scheduler --------------------------------------------------
 def _preflight(runs: list[RunSpec], world_size: int | None, gpus: int | None = None) -> None:
     """What would fail inside a launched rank, checked for every unfinished run before any
     starts (a source the sweep trains itself is checked when its run starts)."""
-    from .config import load_run_config
     from .preflight import PreflightError, preflight
 
     for r in runs:
         try:
-            preflight(load_run_config(r.config), world_size=world_size, check_source=not r.needs, gpus=gpus)
+            preflight(r.config, world_size=world_size, check_source=not r.needs, gpus=gpus)
         except PreflightError as e:
             raise SweepError(f"run {r.name}: {e}") from None
 
@@ -452,137 +422,48 @@ def launch_world_size(opts: LaunchOptions, max_parallel: int, n_devices: int) ->
     return world
 
 
-#: seconds a launcher gives a run's previous trainer to let go of its lock (an orphan of a
-#: killed launcher stops within about a second)
-LOCK_WAIT = 15.0
-
-
 def run_sweep(sweep: Sweep, opts: LaunchOptions | None = None, *, max_parallel: int = 1, dry_run: bool = False,
-              out: TextIO | None = None, poll: float = 0.5, progress_every: float = 20.0) -> int:  # fmt: skip
-    """Launch every unfinished run (the source first); returns 0 if all are done, 130 if
-    interrupted (Ctrl-C or SIGTERM), 1 if a run failed or is trained by another process.
-    ``out``: progress lines (default stdout)."""
+              out: TextIO | None = None, poll: float = 0.5, progress_every: float = 20.0,
+              runs: list[RunSpec] | None = None) -> int:  # fmt: skip
+    """Plan the sweep (or take its ``runs``, already expanded), check every run, and hand the
+    runs to the :class:`~xatl_ds.scheduler.Scheduler` (the source first); returns 0 if all are
+    done, 130 if interrupted (Ctrl-C or SIGTERM), 1 if a run failed or is trained by another
+    process. ``out``: progress lines (default stdout)."""
     out = out or sys.stdout
     opts = sweep.launch.merged(opts)
     if max_parallel < 1:
         raise SweepError("--max-parallel must be >= 1")
     gpus = cuda_devices()
     world = launch_world_size(opts, max_parallel, gpus)
-    runs = expand(sweep, world_size=world)  # everything validated before anything starts
-    n_dev = gpus if max_parallel > 1 else 0
+    if runs is None:
+        runs = expand(sweep)  # everything validated before anything starts
+    check_world_size(runs, world)
     _preflight(runs, world, gpus)
-    if dry_run:
-        # the commands must run exactly as printed, so their configs exist, in a temporary folder:
-        # nothing is written under the sweep root (a real run writes ROOT/configs/)
-        import tempfile
-
-        tmp = Path(tempfile.mkdtemp(prefix=f"xatl-ds-dry-run-{sweep.name}-"))
-        print(f"# dry run: the run configs are in {tmp} (temporary); run the commands from this directory",
-              file=out)  # fmt: skip
-        for slot, r in enumerate(runs):
-            path = r.write_config(tmp / r.config_path.name)
-            cmd = deepspeed_command(path, slot_options(opts, slot % max_parallel, max_parallel, n_dev))
-            print(f"# {r.name} [{r.id}] {'done' if r.dir.is_done() else 'todo'}", file=out)
-            print(shlex.join(cmd), file=out)
-        return 0
-    write_configs(runs)
-    index = Index(sweep, runs)
-    index.save()
-    (sweep.root / "logs").mkdir(parents=True, exist_ok=True)
-    todo = [r for r in runs if index.records[r.key]["state"] != "done"]
-    for r in runs:
-        if r not in todo:
-            print(f"[sweep] {r.name}: done, skipped", file=out)
-    by_key = {r.key: r for r in runs}
-    active: dict[int, tuple[RunSpec, Launch]] = {}
-    failed: list[str] = []
-    stopped = False
-    next_report = time.monotonic() + progress_every
-
-    def launch(r: RunSpec, slot: int) -> None:
-        try:
-            check_free(r.dir, wait=LOCK_WAIT)
-        except RunLocked as e:
-            print(f"[sweep] {r.name}: not started: {e}", file=out, flush=True)
-            failed.append(r.name)
-            return
-        cmd = deepspeed_command(r.config_path, with_port(slot_options(opts, slot, max_parallel, n_dev)))
-        log = open(sweep.root / "logs" / f"{r.key}.log", "a")
-        log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
-        log.flush()
-        print(f"[sweep] {r.name}: {'resuming' if r.dir.has_checkpoint() else 'starting'} (log {log.name})",
-              file=out, flush=True)  # fmt: skip
-        ln = Launch(cmd, log=log).start()
-        index.update(r, state="running", pid=ln.pid, started=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                     finished=None, returncode=None)  # fmt: skip
-        active[slot] = (r, ln)
-
-    def reap(slot: int, rc: int) -> None:
-        r, ln = active.pop(slot)
-        ln.log.close()
-        done = rc == 0 and r.dir.is_done()
-        index.update(r, state="done" if done else "failed", returncode=rc, pid=None,
-                     finished=time.strftime("%Y-%m-%dT%H:%M:%S"))  # fmt: skip
-        steps, val = r.dir.progress()
-        msg = f"done ({steps} steps, val loss {val})" if done else f"FAILED (exit code {rc}; see {ln.log.name})"
-        print(f"[sweep] {r.name}: {msg}", file=out, flush=True)
-        if not done:
-            failed.append(r.name)
-
-    handlers = {}
-
-    def on_signal(signum, frame):  # the first Ctrl-C/SIGTERM stops the runs; a second Ctrl-C is a KeyboardInterrupt
-        nonlocal stopped
-        stopped = True
-        signal.signal(signum, handlers[signum] if signum == signal.SIGINT else on_signal)
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        handlers[sig] = signal.signal(sig, on_signal)
     try:
-        while (todo or active) and not stopped:
-            for r in [r for r in todo if any(by_key[k].name in failed for k in r.needs)]:
-                print(f"[sweep] {r.name}: skipped (its source run failed)", file=out)
-                failed.append(r.name)
-                todo.remove(r)
-            for slot in range(max_parallel):
-                if slot in active or not todo or stopped:
-                    continue
-                # the source is first in line; runs that need its export wait until it is done
-                ready = [r for r in todo if all(by_key[k].dir.is_done() for k in r.needs)]
-                if not ready:
-                    break
-                todo.remove(ready[0])
-                launch(ready[0], slot)
-            for slot, (r, ln) in list(active.items()):
-                rc = ln.poll()
-                if rc is not None:
-                    reap(slot, rc)
-            if active and time.monotonic() >= next_report:  # runs log to files: show progress here
-                next_report = time.monotonic() + progress_every
-                for r, _ in active.values():
-                    steps, val = r.dir.progress()
-                    print(f"[sweep] {r.name}: step {steps}" + (f", val loss {val:.3f}" if val is not None else ""),
-                          file=out, flush=True)  # fmt: skip
-            if active:
-                time.sleep(poll)
-            elif todo and not any(all(by_key[k].dir.is_done() for k in r.needs) for r in todo):
-                for r in todo:  # waiting on a source nobody is training
-                    print(f"[sweep] {r.name}: skipped (its source run is not done)", file=out)
-                    failed.append(r.name)
-                todo.clear()
-    finally:
-        if active:
-            print("[sweep] stopping the running runs (their last checkpoints survive)", file=out, flush=True)
-        for slot, (r, ln) in list(active.items()):
-            reap(slot, ln.stop(first=signal.SIGINT))
-        for sig, h in handlers.items():
-            signal.signal(sig, h)
-    if stopped:
-        print("[sweep] interrupted; rerun the same command to continue", file=out)
-        return 130
-    if failed:
-        print(f"[sweep] {len(failed)} run(s) failed: {', '.join(failed)}", file=out)
-        return 1
+        sched = Scheduler(opts, logs=sweep.root / "logs", max_parallel=max_parallel,
+                          n_devices=gpus if max_parallel > 1 else 0, out=out, poll=poll,
+                          progress_every=progress_every)  # fmt: skip
+        if dry_run:
+            # the commands must run exactly as printed, so their configs exist, in a temporary folder:
+            # nothing is written under the sweep root (a real run writes its run folders)
+            import tempfile
+
+            tmp = Path(tempfile.mkdtemp(prefix=f"xatl-ds-dry-run-{sweep.name}-"))
+            print(f"# dry run: the run configs are in {tmp} (temporary); run the commands from this directory",
+                  file=out)  # fmt: skip
+            sched.dry_run(runs, tmp)
+            return 0
+        index = Index(sweep, runs)
+        index.save()
+        sched.on_update = index.update
+        res = sched.run(runs, last=index.last_states())
+    except SchedulerError as e:
+        raise SweepError(str(e)) from None
+    if res.interrupted:
+        return res.code
+    if res.failed:
+        print(f"[sweep] {len(res.failed)} run(s) failed: {', '.join(res.failed)}", file=out)
+        return res.code
     print(f"[sweep] all {len(runs)} runs done; index: {index.path}", file=out)
     return 0
 

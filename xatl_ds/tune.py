@@ -80,9 +80,10 @@ from typing import Any
 
 import yaml
 
-from .executor import Launch, LaunchOptions, RunLocked, check_free, deepspeed_command, train_env, with_port
+from .executor import LaunchOptions
 from .rundir import RunDir, pid_alive
-from .runspec import SOURCE_REF, PlanError, RunSpec, check_name, source_spec
+from .runspec import SOURCE_REF, PlanError, RunSpec, check_name, place, source_spec
+from .scheduler import Scheduler, launch_command
 
 OBJECTIVES = ("val_loss", "flops_to_target")
 _STUDY_KEYS = {"study_name", "storage", "out_dir", "n_trials", "base", "source", "search_space", "objective",
@@ -296,9 +297,7 @@ def source_run(spec: StudySpec) -> RunSpec | None:
         raise StudyError(str(e)) from None
 
 
-def trial_config(spec: StudySpec, params: dict, number: int) -> dict:
-    """The run config (a dict) of trial ``number`` with sampled ``params`` (already mapped
-    from choice names to values)."""
+def _with_params(spec: StudySpec, params: dict) -> dict:
     from .config import ConfigError, set_dotted
 
     cfg = copy.deepcopy(spec.base)
@@ -307,6 +306,14 @@ def trial_config(spec: StudySpec, params: dict, number: int) -> dict:
             set_dotted(cfg, k, v)
         except ConfigError as e:
             raise StudyError(f"search_space.{k}: {e}") from None
+    return cfg
+
+
+def trial_config(spec: StudySpec, params: dict, number: int) -> dict:
+    """The run config (a dict) of trial ``number`` with sampled ``params`` (already mapped
+    from choice names to values), its ``@source`` resolved: what ``best.yaml`` and the
+    confirmation sweep start from."""
+    cfg = _with_params(spec, params)
     if (cfg.get("init") or {}).get("source") == SOURCE_REF:
         if spec.source is None:
             raise StudyError(f"base init.source is {SOURCE_REF!r} but the study has no source: section")
@@ -314,6 +321,17 @@ def trial_config(spec: StudySpec, params: dict, number: int) -> dict:
     cfg["name"] = f"{spec.study_name}-t{number}"
     cfg["out_dir"] = str(spec.root / "trials" / f"{number:04d}")
     return cfg
+
+
+def trial_spec(spec: StudySpec, params: dict, number: int) -> RunSpec:
+    """Trial ``number`` as a placed run (validated once; it needs the study's source run),
+    training in ``<out_dir>/trials/<number>`` so that a retry resumes its failed trial's run."""
+    src = source_run(spec)
+    try:
+        return place(spec.root, _with_params(spec, params), f"{spec.study_name}-t{number}", role="trial",
+                     sources={SOURCE_REF: src} if src else None, out_dir=spec.root / "trials" / f"{number:04d}")
+    except PlanError as e:
+        raise StudyError(str(e)) from None
 
 
 # -- Optuna objects ------------------------------------------------------------------------
@@ -505,38 +523,34 @@ def _count(study, before: int | None = None) -> int:
 
 
 class Worker:
-    """Runs trials of one study until it has ``n_trials`` COMPLETE/PRUNED/RUNNING trials."""
+    """Runs trials of one study until it has ``n_trials`` COMPLETE/PRUNED/RUNNING trials. Each
+    trial is ask -> :func:`trial_spec` -> the :class:`~xatl_ds.scheduler.Scheduler` -> tell
+    (Optuna's ``optimize`` asks and tells; the objective plans and hands the run over)."""
 
     def __init__(self, spec: StudySpec, opts: LaunchOptions | None = None, worker_id: str | None = None,
                  poll: float = 0.5, log=None):  # fmt: skip
         self.spec = spec
         self.opts = spec.launch.merged(opts)
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.poll = poll
         self.log = log or sys.stdout
-        self.launched: Launch | None = None
+        # no signal handling: a worker that dies must leave a RUNNING trial for another to retry
+        # (its runs die with it, see xatl_ds.executor)
+        self.scheduler = Scheduler(self.opts, logs=spec.root / "logs", out=self.log, tag=f"tune {self.worker_id}",
+                                   poll=poll, progress_every=None, lock_wait=30.0, stop_grace=spec.stop_grace,
+                                   command=self.command, handle_signals=False)  # fmt: skip
         self._finished: list = []
 
     def say(self, msg: str) -> None:
-        print(f"[tune {self.worker_id}] {msg}", file=self.log, flush=True)
+        self.scheduler.say(msg)
 
-    # the command of a trial
-    def command(self, config_path: Path, out_dir: Path, number: int) -> list[str]:
-        if self.spec.trial_command:
-            return [str(x).format(config=config_path, out_dir=out_dir, trial=number, python=sys.executable)
-                    for x in self.spec.trial_command]  # fmt: skip
-        return deepspeed_command(config_path, with_port(self.opts))  # a free port: several workers on one node
-
-    def launch(self, cmd: list[str], log_path: Path, run_dir: Path) -> Launch:
-        """Start a trial's (or the source's) process group once no live trainer holds its run
-        directory (a retry may find its dead predecessor's orphan still stopping)."""
-        try:
-            check_free(run_dir, wait=30.0)
-        except RunLocked as e:
-            raise TrialFailed(str(e)) from None
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "a") as log:
-            return Launch(cmd, log=log, env=train_env()).start()
+    def command(self, run: RunSpec, config_path: Path, opts: LaunchOptions) -> list[str]:
+        """A trial's (or the source's) command: the study's ``trial_command`` template, else the
+        deepspeed launcher."""
+        if not self.spec.trial_command:
+            return launch_command(run, config_path, opts)
+        number = int(run.out_dir.name) if run.role == "trial" else -1
+        return [str(x).format(config=config_path, out_dir=run.out_dir, trial=number, python=sys.executable)
+                for x in self.spec.trial_command]  # fmt: skip
 
     def ensure_source(self, study) -> None:
         """Train the study's source run once (a file lock keeps concurrent workers to one)."""
@@ -546,20 +560,15 @@ class Worker:
         import fcntl
 
         self.spec.root.mkdir(parents=True, exist_ok=True)
-        log = self.spec.root / "logs" / f"{src.key}.log"
         with open(self.spec.root / "source.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent workers: one trains, the others wait
             if src.dir.is_done():
                 return
-            cfg_path = src.write_config()
             self.say(f"training the source run in {src.out_dir}")
-            try:
-                ln = self.launch(self.command(cfg_path, src.out_dir, -1), log, src.out_dir)
-            except TrialFailed as e:
-                raise StudyError(f"the source run cannot start: {e}") from None
-            rc = ln.wait()
-            if rc != 0 or not src.dir.is_done():
-                raise StudyError(f"the source run failed (exit code {rc}); see {log}")
+            res = self.scheduler.run([src])
+            if res.states.get(src.key) != "done":
+                raise StudyError(f"the source run failed (exit code {res.returncodes.get(src.key)}); see "
+                                 f"{self.spec.root / 'logs' / (src.key + '.log')}")  # fmt: skip
 
     def enqueue_references(self, study) -> None:
         """A new study runs its references first; one worker enqueues them (a file lock for the
@@ -590,41 +599,35 @@ class Worker:
             trial.set_user_attr("surplus", True)  # two workers raced for the last trial
             raise _Surplus()
         params = suggest(trial, spec)
-        number = trial.number if first is None else first
-        cfg = trial_config(spec, params, number)
-        out = Path(cfg["out_dir"])
-        out.mkdir(parents=True, exist_ok=True)
-        cfg_path = out.parent / f"{out.name}.yaml"
-        cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        trial.set_user_attr("run_dir", str(out))
-        trial.set_user_attr("config", str(cfg_path))
+        run = trial_spec(spec, params, trial.number if first is None else first)
+        src = source_run(spec)
+        trial.set_user_attr("run_dir", str(run.out_dir))
+        trial.set_user_attr("config", str(run.config_path))
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
-        self.say(f"trial {trial.number}: {params} -> {out}")
-        ln = self.launched = self.launch(self.command(cfg_path, out, trial.number), out.parent / f"{out.name}.log", out)
-        tail = RunDir(out).tail()
+        self.say(f"trial {trial.number}: {params} -> {run.out_dir}")
         multi = len(spec.metrics) > 1
-        try:
-            while True:
-                rc = ln.poll()
-                for row in tail.new_rows():
-                    if row.get("val_loss") is None or multi:
-                        continue
-                    trial.report(float(row["val_loss"]), int(row["step"]))
-                    if trial.should_prune():
-                        self.say(f"trial {trial.number}: pruned at step {row['step']} (val loss {row['val_loss']:.4f})")
-                        ln.stop(grace=spec.stop_grace)
-                        raise optuna.TrialPruned(f"val_loss {row['val_loss']} at step {row['step']}")
-                if rc is not None:
-                    break
-                time.sleep(self.poll)
-        finally:
-            if ln.poll() is None:  # an exception in the worker: do not leave the run behind
-                ln.stop(grace=spec.stop_grace)
-            self.launched = None
-        if rc != 0 or not RunDir(out).is_done():
-            raise TrialFailed(f"trial {trial.number}: the run exited with code {rc}; see {out.parent / (out.name + '.log')}")
-        values = objective_values(out, spec)
+        pruned: list[str] = []
+
+        def watch(_run: RunSpec, row: dict) -> bool:  # report each validation loss; stop a pruned run
+            if row.get("val_loss") is None or multi:
+                return False
+            trial.report(float(row["val_loss"]), int(row["step"]))
+            if trial.should_prune():
+                pruned.append(f"val_loss {row['val_loss']} at step {row['step']}")
+                self.say(f"trial {trial.number}: pruned at step {row['step']} (val loss {row['val_loss']:.4f})")
+                return True
+            return False
+
+        res = self.scheduler.run([run], deps={src.key: src} if src else None, watch=watch)
+        if res.interrupted:
+            raise KeyboardInterrupt
+        if pruned:
+            raise optuna.TrialPruned(pruned[0])
+        if res.states.get(run.key) != "done":
+            raise TrialFailed(f"trial {trial.number}: the run did not finish (exit code "
+                              f"{res.returncodes.get(run.key)}); see {self.spec.root / 'logs' / (run.key + '.log')}")  # fmt: skip
+        values = objective_values(run.out_dir, spec)
         self.say(f"trial {trial.number}: {dict(zip(spec.metrics, values))}")
         return values if multi else values[0]
 
