@@ -191,13 +191,12 @@ def _nonembed_params(records: list[RunRecord], runs: Iterable[str]) -> dict[str,
         return {}
     out = {}
     for rec, run in zip(records, runs):
-        model = rec.config.get("model") or {}
+        model = rec.config.model
         try:
-            if rec.meta.get("model_config"):
-                out[run] = float(non_embedding_params(rec.meta["model_config"]))
-            elif (rec.config.get("init") or {}).get("kind", "scratch") == "scratch" and model.get("size"):
-                out[run] = float(non_embedding_params(size_config(model["size"], model.get("mixer", "mamba"),
-                                                                  model.get("attention_layers", "none"))))  # fmt: skip
+            if rec.model:
+                out[run] = float(non_embedding_params(rec.model))
+            elif rec.config.init.kind == "scratch":
+                out[run] = float(non_embedding_params(size_config(model.size, model.mixer, model.attention_layers)))
         except Exception:  # noqa: BLE001  (an unknown size or mixer: no count, the trend skips it)
             continue
     return out

@@ -5,8 +5,12 @@ on-disk contract). State: ``done``, ``running``, ``partial`` (metrics but no DON
 ``pending`` (config only). A run whose files cannot be read is skipped and listed with the
 reason (:func:`load_runs`), never a reason to fail the whole table.
 
-What the planner knew is read, not guessed: a sweep's ``sweep.json`` gives each run its
-planned size and the scratch run it is compared with (columns ``size`` and ``baseline_run``).
+What the planner and the trainer knew is read, not guessed: a sweep's ``sweep.json`` gives
+each run its planned size and the scratch run it is compared with (columns ``size`` and
+``baseline_run``); the run's ``config.yaml`` is read back as the typed
+:class:`~xatl_ds.config.RunConfig` the trainer ran; the model the trainer built (layers,
+width, which layers kept attention) is the trainer's record (``model.json``, else
+``meta.json``'s ``model_config``).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from xatl_ds.config import ConfigError, RunConfig, load_run_config
 from xatl_ds.rundir import RunDir, iter_run_dirs
 
 __all__ = ["RunRecord", "find_runs", "load_run", "load_runs", "plan_records", "results_table", "size_label",
@@ -35,10 +40,13 @@ class RunRecord:
 
     run_dir: Path
     state: str
-    config: dict
+    config: RunConfig
+    """The run config the trainer ran (typed; validated once, when it was read)."""
     meta: dict
     metrics: pd.DataFrame
     eval: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+    """The model the trainer built (``XatlConfig.to_dict()``); empty before the trainer started."""
 
     @property
     def val_curve(self) -> pd.DataFrame:
@@ -91,14 +99,19 @@ def load_run(run_dir: str | Path) -> RunRecord:
     rd = RunDir(run_dir)
     meta = rd.meta()
     try:
-        config = rd.read_config()
+        raw = rd.read_config()
     except yaml.YAMLError as e:
         raise ValueError(f"{rd.config} is not valid YAML ({e})") from None
-    if not isinstance(config, dict):
+    if not isinstance(raw, dict) or not raw:
         raise ValueError(f"{rd.config} is not a run config mapping")
+    try:  # runs made for another machine (model.kernels: cuda) are read here too
+        config = load_run_config(raw, machine_checks=False)
+    except ConfigError as e:
+        raise ValueError(f"{rd.config}: {e}") from None
     metrics = pd.DataFrame(rd.read_metrics())
     state = rd.state()
-    return RunRecord(rd.path, state, config, meta, metrics, rd.eval())
+    model = rd.model_config() or meta.get("model_config") or {}
+    return RunRecord(rd.path, state, config, meta, metrics, rd.eval(), model)
 
 
 def load_runs(root: str | Path) -> tuple[list[RunRecord], list[tuple[Path, str]]]:
@@ -133,63 +146,37 @@ def plan_records(root: str | Path) -> dict[str, dict]:
     return out
 
 
-def _sizes() -> dict:
-    try:
-        from xatl_ds.sizes import SIZES
+def size_label(rec: RunRecord, records: dict[str, RunRecord] | None = None) -> str:
+    """The size a run was planned at when no planner recorded it: a scratch run's
+    ``model.size``; an XATL run's source's, when the source is a run's ``hf/`` export among
+    ``records`` (resolved run dir -> record); else, for an outside source, the size-table name
+    of the built model's shape, or ``L{layers}-d{width}`` (the config's ``model.size`` before
+    the trainer built the model)."""
+    c = rec.config
+    if c.init.kind == "scratch":
+        return c.model.size
+    src = (records or {}).get(str(Path(c.init.source).parent.resolve())) if c.init.source else None
+    if src is not None and src.config.init.kind == "scratch":
+        return src.config.model.size
+    # an outside source (a hub model, a folder): nothing planned a size; name its shape
+    n, d = rec.model.get("num_hidden_layers"), rec.model.get("hidden_size")
+    if not (n and d):  # not built yet: the config's own size field is all there is
+        return c.model.size
+    from xatl_ds.sizes import SIZES
 
-        return SIZES
-    except Exception:  # noqa: BLE001  (analysis must work without the training stack)
-        return {}
-
-
-def size_label(n_layers: int | None, d_model: int | None, fallback: str | None = None) -> str:
-    """The SIZES name with these dimensions (CPU names and Pythia names share none), else
-    ``L{layers}-d{width}``, else ``fallback``."""
-    if n_layers and d_model:
-        for name, s in _sizes().items():
-            if (s.n_layers, s.d_model) == (int(n_layers), int(d_model)):
-                return name
-        return f"L{int(n_layers)}-d{int(d_model)}"
-    return fallback or "?"
-
-
-def _dims(rec: RunRecord) -> tuple[int | None, int | None]:
-    """(layers, width): the exported model config, else the XATL source's config.json, else
-    the size table entry of a scratch run."""
-    mc = rec.meta.get("model_config") or {}
-    if mc.get("num_hidden_layers"):
-        return mc["num_hidden_layers"], mc.get("hidden_size")
-    init = rec.config.get("init") or {}
-    if init.get("kind") == "xatl" and init.get("source"):
-        cfg = Path(init["source"]) / "config.json"
-        if cfg.is_file():
-            c = json.loads(cfg.read_text())
-            return c.get("num_hidden_layers"), c.get("hidden_size")
-        return None, None
-    s = _sizes().get((rec.config.get("model") or {}).get("size", "tiny"))
-    return (s.n_layers, s.d_model) if s else (None, None)
+    return next((name for name, z in SIZES.items() if (z.n_layers, z.d_model) == (int(n), int(d))), f"L{int(n)}-d{int(d)}")
 
 
-def _attention_layers(rec: RunRecord, n_layers: int | None) -> str:
-    """Resolved attention layer indices as a label: ``none``, ``all`` or ``1,3``."""
-    mixers = (rec.meta.get("model_config") or {}).get("layer_mixers")
-    if mixers:
-        idx = [i for i, m in enumerate(mixers) if m == "attention"]
-    else:
-        spec = (rec.config.get("model") or {}).get("attention_layers", "none")
-        try:
-            from xatl_ds.models.configuration import resolve_attention_layers
-
-            idx = list(resolve_attention_layers(spec, n_layers)) if n_layers else None
-        except Exception:  # noqa: BLE001
-            idx = None
-        if idx is None:
-            return str(spec)
+def _attention_layers(rec: RunRecord) -> str:
+    """Which layers the trainer built with attention, as a label: ``none``, ``all`` or ``1,3``
+    (the config's own spec before the trainer has built the model)."""
+    mixers = rec.model.get("layer_mixers")
+    if not mixers:
+        return str(rec.config.model.attention_layers)
+    idx = [i for i, m in enumerate(mixers) if m == "attention"]
     if not idx:
         return "none"
-    if n_layers and len(idx) == n_layers:
-        return "all"
-    return ",".join(str(i) for i in idx)
+    return "all" if len(idx) == len(mixers) else ",".join(str(i) for i in idx)
 
 
 def _order_label(order: Any) -> str:
@@ -204,16 +191,16 @@ def _last(m: pd.DataFrame, col: str) -> float:
     return float(m[col].dropna().iloc[-1]) if not m.empty and col in m and m[col].notna().any() else math.nan
 
 
-def recipe_label(config: dict, init_kind: str | None) -> str:
+def recipe_label(config: RunConfig) -> str:
     """The conversion recipe in one token: how the new mixers start (``random``, ``zero_out``,
     ``attention``; ``scratch`` for a scratch run), then ``+align`` for an alignment stage and
     ``+kl`` for distillation (``+distill`` when its KL weights are 0: cross-entropy alone)."""
-    init, distill = config.get("init") or {}, config.get("distill") or {}
-    parts = [str(init.get("mixer") or "random") if init_kind == "xatl" else "scratch"]
-    if (config.get("align") or {}).get("enabled"):
+    init, distill = config.init, config.distill
+    parts = [str(init.mixer or "random") if init.kind == "xatl" else "scratch"]
+    if config.align.enabled:
         parts.append("align")
-    if distill.get("enabled"):
-        parts.append("kl" if (distill.get("kl_weight", 1.0) or distill.get("reverse_kl_weight")) else "distill")
+    if distill.enabled:
+        parts.append("kl" if (distill.kl_weight or distill.reverse_kl_weight) else "distill")
     return "+".join(parts)
 
 
@@ -224,13 +211,16 @@ def _flops(meta: dict, m: pd.DataFrame) -> tuple[float, float]:
     return student, float(teacher) if teacher is not None and math.isfinite(float(teacher)) else 0.0
 
 
-def _row(rec: RunRecord, root: Path) -> dict:
+def _row(rec: RunRecord, root: Path, records: dict[str, RunRecord]) -> dict:
     c, meta, m = rec.config, rec.meta, rec.metrics
-    model, init, fr = c.get("model") or {}, c.get("init") or {}, c.get("freeze") or {}
-    budget = {k: v for k, v in (c.get("budget") or {}).items() if v is not None}
-    n_layers, d_model = _dims(rec)
-    kind = init.get("kind", "scratch")
-    size = size_label(n_layers, d_model, model.get("size"))
+    init, fr = c.init, c.freeze
+    xatl = init.kind == "xatl"
+    budget = {k: getattr(c.budget, k) for k in ("steps", "tokens", "flops") if getattr(c.budget, k) is not None}
+    n_layers, d_model = rec.model.get("num_hidden_layers"), rec.model.get("hidden_size")
+    if not n_layers and not xatl:  # not built yet: a scratch run's size fixes its model
+        from xatl_ds.sizes import get_size
+
+        n_layers, d_model = get_size(c.model.size).n_layers, get_size(c.model.size).d_model
     curve = rec.val_curve
     events = rec.unfreeze_events
     student, teacher = _flops(meta, m)
@@ -240,25 +230,25 @@ def _row(rec: RunRecord, root: Path) -> dict:
     except ValueError:
         rel = str(rec.run_dir)
     row: dict[str, Any] = {
-        "run": rel, "run_dir": str(rec.run_dir), "name": meta.get("name") or c.get("name") or rec.run_dir.name,
-        "state": rec.state, "size": size, "n_layers": n_layers, "d_model": d_model,
-        "family": (meta.get("model_config") or {}).get("family") or model.get("family"),
-        "mixer": model.get("mixer"), "attention_layers": _attention_layers(rec, n_layers),
-        "init_kind": kind, "source": init.get("source") if kind == "xatl" else None,
-        "components": ",".join(init.get("components") or []) if kind == "xatl" else None,
-        "freeze_policy": fr.get("policy") if kind == "xatl" else None,
-        "unfreeze_order": _order_label(fr.get("unfreeze_order")) if kind == "xatl" else None,
-        "lit_threshold": fr.get("threshold") if kind == "xatl" else None,
-        "lit_patience": fr.get("patience") if kind == "xatl" else None,
-        "lit_window": fr.get("window") if kind == "xatl" else None,
-        "rewarmup_steps": fr.get("rewarmup_steps") if kind == "xatl" else None,
-        "seed": c.get("seed"), "budget_kind": next(iter(budget), None),
+        "run": rel, "run_dir": str(rec.run_dir), "name": meta.get("name") or c.name or rec.run_dir.name,
+        "state": rec.state, "size": size_label(rec, records), "n_layers": n_layers, "d_model": d_model,
+        "family": rec.model.get("family") or c.model.family,
+        "mixer": c.model.mixer, "attention_layers": _attention_layers(rec),
+        "init_kind": init.kind, "source": init.source if xatl else None,
+        "components": ",".join(init.components or []) if xatl else None,
+        "freeze_policy": fr.policy if xatl else None,
+        "unfreeze_order": _order_label(fr.unfreeze_order) if xatl else None,
+        "lit_threshold": fr.threshold if xatl else None,
+        "lit_patience": fr.patience if xatl else None,
+        "lit_window": fr.window if xatl else None,
+        "rewarmup_steps": fr.rewarmup_steps if xatl else None,
+        "seed": c.seed, "budget_kind": next(iter(budget), None),
         "budget": float(next(iter(budget.values()))) if budget else math.nan,
-        "lr": (c.get("optim") or {}).get("lr"),
+        "lr": c.optim.lr,
         "steps": meta.get("steps", _last(m, "step")), "tokens": meta.get("tokens", _last(m, "tokens")),
         "flops": student + teacher, "student_flops": student, "teacher_flops": teacher,
         "teacher_share": teacher / (student + teacher) if student + teacher > 0 else math.nan,
-        "recipe": recipe_label(c, kind), "wall_time": meta.get("wall_time", _last(m, "wall_time")),
+        "recipe": recipe_label(c), "wall_time": meta.get("wall_time", _last(m, "wall_time")),
         "final_val_loss": float(curve["val_loss"].iloc[-1]) if len(curve) else math.nan,
         "best_val_loss": float(curve["val_loss"].min()) if len(curve) else math.nan,
         "best_val_flops": float(curve.loc[curve["val_loss"].idxmin(), "flops"]) if len(curve) and "flops" in curve else math.nan,
@@ -280,7 +270,8 @@ def results_table(root: str | Path, records: list[RunRecord] | None = None) -> p
     ``baseline_run`` is the planner's pairing (None for runs no planner recorded)."""
     root = Path(root)
     records = records if records is not None else load_runs(root)[0]
-    df = pd.DataFrame([_row(r, root) for r in records])
+    by_dir = {str(r.run_dir.resolve()): r for r in records}
+    df = pd.DataFrame([_row(r, root, by_dir) for r in records])
     if df.empty:
         return df
     plans = plan_records(root)
@@ -310,7 +301,7 @@ def _teacher_recovery(df: pd.DataFrame, records: list[RunRecord]) -> None:
     row_of_hf = {str((r.run_dir / "hf").resolve()): i for i, r in zip(df.index, records)}
     teachers = []
     for r, src in zip(records, df["source"]):
-        t = ((r.config.get("distill") or {}).get("teacher")) or src
+        t = r.config.distill.teacher or src
         teachers.append(row_of_hf.get(str(Path(t).resolve())) if isinstance(t, str) and t else None)
     df["teacher_run"] = [df.at[j, "run"] if j is not None else None for j in teachers]
     for col in [c for c in df.columns if c.startswith(EVAL_PREFIX) and not c.endswith("_stderr")]:

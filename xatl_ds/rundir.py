@@ -2,12 +2,15 @@
 
 Layout of ``OUT`` (a run config's ``out_dir``)::
 
-    config.yaml       the validated run config the trainer ran
+    config.yaml       the validated run config the trainer ran (written by the scheduler before
+                      the launch, or by the trainer): the run's only serialised config
+    model.json        the model the trainer built (``XatlConfig.to_dict()``), written at start
     metrics.jsonl     one JSON row per optimizer step (val_loss on evaluation steps)
     checkpoints/      DeepSpeed checkpoints (``latest`` names the newest tag)
     transfer.json     the XATL transfer report (XATL runs)
     hf/               the HF export, written at the end
-    meta.json         the run's summary (config, hash, steps, FLOPs, final val loss, ...)
+    meta.json         the run's summary (``config`` names config.yaml; hash, steps, FLOPs, final
+                      val loss, ...)
     DONE              written last: the run finished
     eval.json         lm-eval results (``xatl-ds eval``)
     run.lock          held (``flock``) by the trainer while it trains: pid, host, start time
@@ -127,6 +130,7 @@ class RunDir:
     METRICS = "metrics.jsonl"
     CHECKPOINTS = "checkpoints"
     TRANSFER = "transfer.json"
+    MODEL = "model.json"
     HF = "hf"
     META = "meta.json"
     DONE = "DONE"
@@ -251,16 +255,20 @@ class RunDir:
     def eval(self) -> dict:
         return self.read_json(self.EVAL)
 
+    def model_config(self) -> dict:
+        """The model the trainer built ({} before it started)."""
+        return self.read_json(self.MODEL)
+
     def write_json(self, name: str, data: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         _atomic_write(self.path / name, json.dumps(data, indent=1, default=str))
 
     def read_config(self) -> dict:
-        """The run config: meta.json's copy when finished, else config.yaml ({} if neither)."""
+        """The run config: config.yaml ({} if absent); older runs kept theirs in meta.json."""
         import yaml
 
         cfg = self.meta().get("config")
-        if cfg:
+        if isinstance(cfg, dict) and cfg:
             return cfg
         if self.config.is_file():
             return yaml.safe_load(self.config.read_text()) or {}
