@@ -114,7 +114,7 @@ def test_example_run_config_for_own_model_and_text(tmp_path, make_source_dir, ca
 
 
 def test_train_ends_by_naming_its_outputs(tmp_path, capsys):
-    from xatl_ds.cli import _print_outputs
+    from xatl_ds.cli_launch import _print_outputs
     from xatl_ds.config import load_run_config
 
     out = tmp_path / "run"
@@ -127,17 +127,17 @@ def test_train_ends_by_naming_its_outputs(tmp_path, capsys):
 
 
 def test_deepspeed_op_build_is_announced_once(tmp_path, monkeypatch, capsys):
-    from xatl_ds import cli
+    from xatl_ds import cli_common
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    if cli._cpu_op_build_dir() is None:
+    if cli_common.cpu_op_build_dir() is None:
         pytest.skip("CUDA machine: DeepSpeed builds no CPU op")
-    cli._announce_cpu_op_build()
+    cli_common.announce_cpu_op_build()
     assert "compiles its C++ op deepspeed_shm_comm" in capsys.readouterr().err
-    d = tmp_path / cli.DS_CPU_OP
+    d = tmp_path / cli_common.DS_CPU_OP
     d.mkdir()
-    (d / f"{cli.DS_CPU_OP}.so").write_bytes(b"")
-    cli._announce_cpu_op_build()
+    (d / f"{cli_common.DS_CPU_OP}.so").write_bytes(b"")
+    cli_common.announce_cpu_op_build()
     assert capsys.readouterr().err == ""
 
 

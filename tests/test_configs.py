@@ -90,7 +90,7 @@ def _numeric_fields():
 def test_every_numeric_field_has_a_rule():
     from xatl_ds.config import NUMBER_RULES
 
-    # freeze.* ranges belong to FreezeConfig.validate (xatl_ds/freeze.py)
+    # freeze.* ranges belong to FreezeConfig.validate (xatl_ds/freeze_plan.py)
     missing = [n for n, _ in _numeric_fields() if not n.startswith("freeze.") and n not in NUMBER_RULES]
     assert not missing, f"add a NumberRule to xatl_ds.config.NUMBER_RULES for {missing}"
     assert set(NUMBER_RULES) <= {n for n, _ in _numeric_fields()}, "a rule names no field"

@@ -14,7 +14,7 @@ Loading (loader.py): :class:`PackedTokens` memory-maps one split after checking 
 meta.json (size always; sha256 and id range once per file identity) and serves batches that
 are pure functions of the step; :func:`global_mean_loss` all-reduces evaluation sums.
 ``tokenizer_fingerprint`` / ``dataset_tokenizer_fingerprint`` tell whether a dataset and a
-model share token ids. The CLI (``xatl-ds data prepare|info``) lives in xatl_ds/cli.py.
+model share token ids. The CLI (``xatl-ds data prepare|info``) lives in xatl_ds/cli_artifacts.py.
 """
 from __future__ import annotations
 
