@@ -33,11 +33,13 @@ def source_dir(tmp_path_factory, tiny_dataset):
 
 @pytest.fixture
 def cpu_node(monkeypatch):
-    """No GPUs on this node, and no launch may start."""
+    """No GPUs on this node, a CPU without fp16 in DeepSpeed (most CPUs: DeepSpeed's CPU
+    accelerator says fp16 only where AVX512-FP16/AMX is present), and no launch may start."""
     import xatl_ds.executor as executor
 
     monkeypatch.setattr(preflight_mod, "cuda_devices", lambda: 0)
     monkeypatch.setattr("xatl_ds.sweep.cuda_devices", lambda: 0)
+    monkeypatch.setattr(type(_cpu_accelerator()), "is_fp16_supported", lambda self: False)
 
     def refuse(*a, **k):
         raise AssertionError("a launch started")
@@ -97,6 +99,25 @@ def pickle_source(tmp, data, cfg):
     (src / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]}))
     (src / "pytorch_model.bin").write_bytes(b"not loaded")
     cfg.update(base(tmp, data, **xatl(src)))
+
+
+def _cpu_accelerator():
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator()
+
+
+def test_fp16_on_a_cpu_follows_deepspeeds_accelerator(tmp_path, tiny_dataset, monkeypatch):
+    """Where DeepSpeed's CPU accelerator supports fp16 (CPUs with AVX512-FP16/AMX, such as the
+    project's own machine), a launch trains in fp16, so the preflight must accept it; elsewhere
+    it is refused (the CASES above)."""
+    cfg = load_run_config(base(tmp_path, tiny_dataset, deepspeed={"precision": "fp16"}))
+    acc = type(_cpu_accelerator())
+    monkeypatch.setattr(acc, "is_fp16_supported", lambda self: True)
+    assert preflight_mod.check_precision(cfg, gpus=0) == "fp16"
+    monkeypatch.setattr(acc, "is_fp16_supported", lambda self: False)
+    with pytest.raises(preflight_mod.PreflightError, match="does not support fp16 on this machine"):
+        preflight_mod.check_precision(cfg, gpus=0)
 
 
 # id, config sections (SRC: the tiny source), prepare(tmp, data, cfg) or None, CLI extra args, regexes
