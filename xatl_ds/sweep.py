@@ -58,7 +58,7 @@ from typing import Any, TextIO
 
 from .executor import LaunchOptions, cuda_devices
 from .runspec import SOURCE_REF, PlanError, RunSpec, check_name, place, record, source_spec
-from .scheduler import STATES, Scheduler, SchedulerError, dir_state, slot_options
+from .scheduler import STATES, Scheduler, SchedulerError, dir_state
 
 __all__ = ["SOURCE_REF", "STATES", "Sweep", "SweepError", "Index", "load_sweep", "select", "expand", "run_sweep",
            "status_rows", "format_table"]  # fmt: skip
