@@ -89,16 +89,17 @@ def distill_overhead(work: str | Path, *, size: str = "small", mixer: str = "att
 
         return timed(run)
 
-    teacher = timed(lambda: tr.teacher.logits(x))  # the extra forward alone
+    teacher = timed(lambda: tr.teaching.teacher.logits(x))  # the extra forward alone
     samples = interleaved({"plain": step("ce"), "distill": step("distill"), "teacher": teacher}, repeats=steps,
                           warmup=1)  # fmt: skip
     plain_f = step_flops(tr.model_config, batch, seq).total
-    teacher_f = forward_flops(tr.teacher.config, batch, seq)
+    teacher_f = forward_flops(tr.teaching.teacher.config, batch, seq)
     torch.distributed.destroy_process_group()
     p, d = median(samples["plain"]), median(samples["distill"])
     return {
         "size": size, "mixer": mixer, "batch": batch, "seq": seq, "vocab": vocab, "steps": steps, "threads": threads,
-        "student_params": sum(q.numel() for q in tr.engine.module.parameters()), "teacher_params": tr.teacher.n_params,
+        "student_params": sum(q.numel() for q in tr.engine.module.parameters()),
+        "teacher_params": tr.teaching.teacher.n_params,
         "plain_step_s": p, "distill_step_s": d, "ratio": d / p, "teacher_forward_s": median(samples["teacher"]),
         "plain_best_s": min(samples["plain"]), "distill_best_s": min(samples["distill"]),
         "ratio_best": min(samples["distill"]) / min(samples["plain"]),

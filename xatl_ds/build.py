@@ -1,7 +1,8 @@
 """A run config's model: the one path from :class:`~xatl_ds.config.RunConfig` to the
 :class:`~xatl_ds.models.XatlConfig` a run trains (a scratch size, or the blocks of an XATL
-source) and the model itself. The trainer builds with it; the launcher's preflight builds the
-config alone (from the source's config.json, no weights), so both refuse the same things.
+source), the model itself, and its regional compilation (``train.compile``). The trainer builds
+with it; the launcher's preflight builds the config alone (from the source's config.json, no
+weights), so both refuse the same things.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 from .config import ConfigError, RunConfig
 from .sizes import get_size
 
-__all__ = ["model_config", "build_model"]
+__all__ = ["model_config", "build_model", "compile_blocks"]
 
 
 def _mixer_options(cfg: RunConfig) -> dict:
@@ -80,3 +81,14 @@ def build_model(cfg: RunConfig, vocab_size: int):
         report.warnings.append(warning)
     del src
     return model, report.to_dict()
+
+
+def compile_blocks(model, **compile_kwargs) -> int:
+    """Regional compilation (``train.compile``): ``torch.compile`` each block in place
+    (``nn.Module.compile``: the module and its parameter names stay, so the optimizer groups,
+    ZeRO's hooks and checkpoints see the same model). Compilation happens lazily, at a block's
+    first call. Returns the number of blocks compiled."""
+    blocks = list(model.model.layers)
+    for blk in blocks:
+        blk.compile(**compile_kwargs)
+    return len(blocks)

@@ -1,9 +1,11 @@
-"""The trainer's DeepSpeed checkpoints: which one a run resumes from, loading it back into the
-engine, and reading one as a full fp32 state dict. No file is read in a way that could execute
+"""The trainer's DeepSpeed checkpoints: saving one (tag ``stepNNNNNNNN``, the newest few
+kept), which one a run resumes from, loading it back into the engine, and reading one as a
+full fp32 state dict. No file is read in a way that could execute
 code: everything goes through :func:`xatl_ds.safe_load.safe_load` (``weights_only=True``)."""
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -11,7 +13,7 @@ import torch
 from .safe_load import (CheckpointError, delete_hint, safe_engine_loads, safe_load, safe_torch_loads_in,
                         verify_files)
 
-__all__ = ["CheckpointError", "LATEST", "resume_tag", "load_for_resume", "consolidated_state_dict"]
+__all__ = ["CheckpointError", "LATEST", "save_checkpoint", "resume_tag", "load_for_resume", "consolidated_state_dict"]
 
 LATEST = "latest"  # DeepSpeed's pointer to the newest complete checkpoint, written after the save
 log = logging.getLogger(__name__)
@@ -19,6 +21,20 @@ log = logging.getLogger(__name__)
 
 def _has_model_states(folder: Path) -> bool:
     return any(folder.glob("*model_states.pt"))
+
+
+def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep: int, rank: int) -> None:
+    """Save ``engine`` after ``step`` steps as tag ``stepNNNNNNNN`` (zero-padded: tags sort by
+    name, which :func:`resume_tag` relies on) with ``client_state``; then rank 0 deletes all
+    but the newest ``keep`` tags. Collective: every rank calls it."""
+    ckpt_dir = Path(ckpt_dir)
+    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step:08d}", client_state=client_state)
+    torch.distributed.barrier()
+    if rank == 0:
+        tags = sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir())
+        for old in tags[:-keep]:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    torch.distributed.barrier()
 
 
 def resume_tag(ckpt_dir: str | Path) -> str | None:

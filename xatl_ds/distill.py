@@ -1,6 +1,6 @@
 """Distillation from a teacher and the alignment stage of the new mixers.
 
-The trainer (:mod:`xatl_ds.train`) uses four pieces from here:
+The trainer's teacher side (:mod:`xatl_ds.teaching`) uses four pieces from here:
 
 * :func:`load_teacher` loads the teacher like an XATL source (``transfer.load_source``:
   safetensors only, no remote code; the dataset's tokenizer checked by fingerprint) and holds

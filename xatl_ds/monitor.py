@@ -16,6 +16,9 @@ How a row maps (the same names as the ``metrics.jsonl`` columns, the x-axis is `
   released stage as the scalar ``unfreeze/stage``;
 * a string is written as text.
 
+The trainer's progress bar (:func:`progress_bar`, :func:`bar_postfix`) shows a few columns
+of the same rows on the terminal.
+
 :func:`replay` writes the event files of a finished (or running) run from its
 ``metrics.jsonl``: runs trained before the option existed, or with ``log.tensorboard: false``.
 """
@@ -28,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable, TextIO
 
 __all__ = ["TENSORBOARD_DIR", "Monitor", "TensorBoardMonitor", "WandbMonitor", "MonitorError", "MetricsFile",
-           "flatten_row", "open_metrics", "open_monitors", "replay"]
+           "flatten_row", "open_metrics", "open_monitors", "replay", "progress_bar", "bar_postfix"]
 
 #: the event files' folder inside a run directory
 TENSORBOARD_DIR = "tensorboard"
@@ -190,6 +193,28 @@ def open_metrics(rundir: Any, cfg: Any, step: int = 0) -> MetricsFile:
     monitors of ``cfg.log``. ``step``: the step training continues from (0: a fresh start)."""
     monitors = open_monitors(cfg, rundir.path, first_step=step + 1)
     return MetricsFile(open(rundir.metrics, "a"), monitors)
+
+
+def progress_bar(name: str, total: int | None, initial: int, resumed: bool) -> Any:
+    """The trainer's progress bar on the terminal (rank 0), a tqdm over steps (``total``
+    None: a FLOP budget, no known end). ``TQDM_DISABLE=1`` (tqdm's own variable) turns it off;
+    ``XATL_NO_PROGRESS=1`` is still honoured."""
+    from tqdm import tqdm
+
+    desc = f"{name}" + (" (resumed)" if resumed else "")
+    legacy = {"disable": True} if os.environ.get("XATL_NO_PROGRESS") == "1" else {}
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0,
+                **legacy)  # fmt: skip
+
+
+def bar_postfix(row: dict, val: float | None) -> dict:
+    """What the progress bar shows of a metrics row: the loss (the alignment loss while
+    aligning), tokens/s, the freeze stage and the last validation loss ``val``."""
+    loss = ("loss", row["train_loss"]) if "train_loss" in row else ("align", row["align_loss"])
+    d = {loss[0]: f"{loss[1]:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}", "stage": row["freeze_stage"]}
+    if val is not None:
+        d["val"] = f"{val:.3f}"
+    return d
 
 
 def replay(run_dir: str | os.PathLike, log_dir: str | os.PathLike | None = None) -> Path:

@@ -26,6 +26,7 @@ its run starts): ``check_source=False``.
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,8 @@ from .config import ConfigError, RunConfig, check_ds_config, ds_config_path, loa
 from .executor import LAUNCHERS, LaunchOptions, cuda_devices
 from .rundir import RunDir
 
-__all__ = ["PreflightError", "preflight", "check_launch", "check_run_dir", "build_ds_config", "resolve_precision",
-           "LAUNCHER_PROGRAMS"]  # fmt: skip
+__all__ = ["PreflightError", "preflight", "check_launch", "check_run_dir", "check_finished", "build_ds_config",
+           "resolve_precision", "LAUNCHER_PROGRAMS"]  # fmt: skip
 
 
 class PreflightError(ValueError):
@@ -249,6 +250,18 @@ def check_run_dir(cfg: RunConfig) -> bool:
                 f"{cfg.content_hash()}): it would not resume; use another out_dir or delete {rd.checkpoints}"
             )
     return False
+
+
+def check_finished(rd: RunDir, cfg: RunConfig) -> bool:
+    """The trainer's :func:`check_run_dir` for run folder ``rd`` (default ``cfg.out_dir``):
+    whether it holds this config's finished run. A finished run of a *different* config
+    (edited since) is a ConfigError: its results would be taken for this one's."""
+    if Path(rd.path) != Path(cfg.out_dir):
+        cfg = replace(cfg, out_dir=str(rd.path))
+    try:
+        return check_run_dir(cfg)
+    except PreflightError as e:
+        raise ConfigError(str(e)) from None
 
 
 # -- data and model ------------------------------------------------------------------------

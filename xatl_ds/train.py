@@ -19,14 +19,13 @@ its weight gradients, they stay out of the clipping norm, and the step costs les
 Unfreezing sets ``requires_grad`` back and ramps the group's lr. Tests prove at ZeRO 0-3
 that frozen tensors stay bit-identical and move once released.
 
-Teachers (:mod:`xatl_ds.distill`). With ``distill`` the loss of a step is the distillation
-loss against a teacher running beside the engine (no gradients, the run's precision,
-partitioned under ZeRO-3); with ``align`` the run starts with the alignment stage, in which
-only the new mixers' parameter groups have a learning rate (the aligned mixers' parameters
-get groups of their own for that) and the freeze controller is not fed: its steps, the main
-schedule's warmup and cosine count from the stage's end. The teacher's forward FLOPs are a
-column of their own (``teacher_flops``), and its validation loss is measured on the run's
-validation batches for every run that has a teacher (XATL runs: the source).
+Teachers (:mod:`xatl_ds.teaching`: the trainer asks its :class:`~xatl_ds.teaching.Teaching`).
+With ``distill`` the loss of a step is the distillation loss against a teacher running beside
+the engine; with ``align`` the run starts with the alignment stage, in which only the aligned
+mixers' parameter groups (groups of their own) have a learning rate and the freeze controller
+is not fed: its steps, the main schedule's warmup and cosine count from the stage's end. The
+teacher's FLOPs are a column of their own (``teacher_flops``), and its validation loss is
+measured on the run's validation batches for every run that has a teacher (XATL: the source).
 """
 from __future__ import annotations
 
@@ -34,111 +33,24 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .build import build_model  # noqa: F401  (the trainer's model; re-exported for callers)
+# build_model, compile_blocks, check_finished, build_ds_config, recorded_hash: also importable from
+# here (tests and benchmarks call them, and patch compile_blocks, through this module)
+from .build import build_model, compile_blocks  # noqa: F401
+from .checkpoint import load_for_resume, save_checkpoint
 from .config import ConfigError, RunConfig, load_run_config
-from .preflight import PreflightError, build_ds_config, check_run_dir, recorded_hash, resolve_precision  # noqa: F401
+from .optim import lr_at, param_groups
+from .preflight import build_ds_config, check_finished, recorded_hash, resolve_precision  # noqa: F401
+from .process_setup import init_distributed, setup_threads, versions
 from .rundir import RunDir, RunLocked
 from .safe_load import CheckpointError
 from .sizes import get_size
-
-
-# -- process set-up --------------------------------------------------------------------
-def _setup_threads() -> None:
-    """One rank per core on CPU: without this, 2 ranks on 2 cores run ~10x slower."""
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    if "OMP_NUM_THREADS" not in os.environ:
-        n = max(1, (os.cpu_count() or 1) // max(1, local_world))
-        os.environ["OMP_NUM_THREADS"] = str(n)
-        torch.set_num_threads(n)
-
-
-SHM_DIR = Path("/dev/shm")
-
-
-def release_shm_workspace(rank: int) -> None:
-    """Unlink this rank's name of DeepSpeed's CPU allreduce workspace.
-
-    DeepSpeed's CPU backend maps a ~67 MB shared-memory segment per rank,
-    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``, and never unlinks it:
-    with a free port per launch every run would leave its segments behind, and a sweep fills
-    /dev/shm (which is RAM). Once every rank has mapped every segment (the barrier: DeepSpeed's
-    init returns only after its rank opened all of them) the names can go; the mappings live on
-    until the processes exit, however they exit."""
-    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    if not addr or not port or not SHM_DIR.is_dir():
-        return
-    torch.distributed.barrier()
-    for p in SHM_DIR.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"):
-        p.unlink(missing_ok=True)
-
-
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Start torch.distributed through DeepSpeed (gloo on CPU, NCCL on CUDA)."""
-    import deepspeed
-
-    if "RANK" not in os.environ:  # plain `python -m xatl_ds.train`: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        from .executor import free_port
-
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    cuda = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        release_shm_workspace(rank)
-        device = torch.device("cpu")
-    return rank, world, device
-
-
-# -- model ------------------------------------------------------------------------------
-def compile_blocks(model, **compile_kwargs) -> int:
-    """Regional compilation (``train.compile``): ``torch.compile`` each block in place
-    (``nn.Module.compile``: the module and its parameter names stay, so the optimizer groups,
-    ZeRO's hooks and checkpoints see the same model). Compilation happens lazily, at a block's
-    first call. Returns the number of blocks compiled."""
-    blocks = list(model.model.layers)
-    for blk in blocks:
-        blk.compile(**compile_kwargs)
-    return len(blocks)
-
-
-def param_groups(model, stage_of: dict[str, int], weight_decay: float,
-                 aligned: frozenset[str] = frozenset()) -> tuple[list[dict], list[int], list[bool]]:  # fmt: skip
-    """One AdamW group per (stage, decay?, aligned?) triple; returns the groups, each group's
-    stage and whether it holds parameters of the alignment stage (``aligned`` names: they
-    train while everything else has lr 0, so they need groups of their own)."""
-    buckets: dict[tuple[int, bool, bool], list] = {}
-    for name, p in model.named_parameters():
-        decay = p.dim() >= 2 and "embed_tokens" not in name and "A_log" not in name
-        buckets.setdefault((stage_of[name], decay, name in aligned), []).append(p)
-    groups, stages, align = [], [], []
-    for (stage, decay, in_align), params in sorted(buckets.items()):
-        groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": 0.0})
-        stages.append(stage)
-        align.append(in_align)
-    return groups, stages, align
-
-
-def lr_at(cfg: RunConfig, peak: float, step: int, progress: float) -> float:
-    """Main schedule: linear warmup over steps, then cosine over run progress to the floor."""
-    o = cfg.optim
-    if step < o.warmup_steps:
-        return peak * (step + 1) / o.warmup_steps
-    p = min(1.0, max(0.0, progress))
-    floor = peak * o.min_lr_ratio
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * p))
+from .teaching import Teaching
 
 
 # -- the run ----------------------------------------------------------------------------
@@ -164,15 +76,15 @@ class Trainer:
         present = (
             {c for c, v in self.transfer_report["components"].items() if v["tensors"]} if self.transfer_report else set()
         )
-        self.ctrl = FreezeController(cfg.freeze, present)
-        # the alignment stage comes first; the freeze controller counts its steps from its end
-        self.align_ctrl = None
-        self.align_names: frozenset[str] = frozenset()
-        if cfg.align.enabled:
-            from .distill import AlignThenFreeze, alignment_param_names
-
-            self.align_ctrl = self.ctrl = AlignThenFreeze(cfg.align, self.ctrl)
-            self.align_names = frozenset(alignment_param_names((n for n, _ in model.named_parameters()), model.config))
+        size_lr = get_size(cfg.model.size).lr if cfg.init.kind == "scratch" else None
+        self.peak_lr = cfg.optim.lr or size_lr or 3e-4
+        # the teacher and the alignment stage; with align the stage comes first and the freeze
+        # controller counts its steps from the stage's end (teaching.controller stands in for it)
+        freeze = FreezeController(cfg.freeze, present)
+        self.teaching = Teaching(cfg, model.config, (n for n, _ in model.named_parameters()), freeze, device,
+                                 self.precision, self.peak_lr)  # fmt: skip
+        self.ctrl = self.teaching.controller
+        self.align_names = self.teaching.align_names
         comp = components_of(model)
         self.stage_of = param_stage_map(comp, cfg.freeze, present)
         self.names_by_stage: dict[int, list[str]] = {}
@@ -180,8 +92,6 @@ class Trainer:
             self.names_by_stage.setdefault(s, []).append(n)
         self.TRAINABLE = TRAINABLE
         self.new_param_names = [n for n, c in comp.items() if self.stage_of[n] == TRAINABLE]
-        size_lr = get_size(cfg.model.size).lr if cfg.init.kind == "scratch" else None
-        self.peak_lr = cfg.optim.lr or size_lr or 3e-4
         groups, self.group_stages, self.group_aligned = param_groups(model, self.stage_of, cfg.optim.weight_decay,
                                                                      self.align_names)  # fmt: skip
         opt = torch.optim.AdamW(groups, lr=self.peak_lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
@@ -194,71 +104,18 @@ class Trainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
         self.zero_stage = self.engine.zero_optimization_stage()
         self.params = dict(self.engine.module.named_parameters())
-        self.teacher = None  # the distillation / alignment teacher (distill.Teacher)
-        self.teacher_val_loss: float | None = None
-        if cfg.distill.enabled or cfg.align.enabled:
-            self.teacher = self._place_teacher(self._load_teacher(), ds_cfg)
+        self.teaching.place(self.zero_stage, ds_cfg)  # the teacher beside the engine (distill / align)
 
         # counters restored on resume
         self.step = 0
         self.tokens = 0
         self.flops = 0.0
-        self.teacher_flops = 0.0  # derived from the step (teacher_flops_at), not saved
         self.wall = 0.0
         self.last_val: float | None = None
         self._flops_cache: dict[frozenset, float] = {}
         self.kernel_paths: dict[str, str] | None = None  # models.kernels.paths_used after this launch's 1st step
 
-    # -- the teacher (distill.Teacher) -------------------------------------------------
-    def _load_teacher(self):
-        """The run's teacher, loaded and checked against the student and the data."""
-        from .distill import TeacherError, check_alignable, load_teacher, teacher_spec
-
-        spec = teacher_spec(self.cfg)
-        try:
-            loaded = load_teacher(spec, self.cfg.data.path, self.model_config.vocab_size)
-            if self.cfg.align.enabled:
-                check_alignable(self.model_config, loaded.config, spec)
-        except TeacherError as e:
-            raise ConfigError(f"distill.teacher: {e}") from None
-        if self.cfg.data.seq_len > loaded.config.max_position_embeddings:
-            raise ConfigError(
-                f"data.seq_len={self.cfg.data.seq_len} is longer than teacher {spec!r} was trained for "
-                f"(max_position_embeddings {loaded.config.max_position_embeddings}); lower data.seq_len"
-            )
-        return loaded
-
-    def _place_teacher(self, loaded, ds_cfg: dict | None):
-        from .distill import Teacher
-
-        return Teacher(loaded, self.device, self.precision, self.zero_stage if ds_cfg else 0, ds_cfg)
-
-    def teacher_phase_flops(self) -> tuple[int, int]:
-        """Analytic FLOPs of one teacher forward per step ``(alignment stage, end-to-end)``:
-        the blocks with the LM head on one position while aligning, the whole forward when
-        distilling, 0 when the teacher does not run (or there is none)."""
-        if self.teacher is None:
-            return 0, 0
-        from .flops import forward_flops
-
-        c, b, L = self.teacher.config, self.cfg.data.batch_size, self.cfg.data.seq_len
-        align = forward_flops(c, b, L, head_positions=1) if self.align_ctrl is not None else 0
-        return align, forward_flops(c, b, L) if self.cfg.distill.enabled else 0
-
-    def teacher_flops_at(self, steps_done: int) -> float:
-        """Cumulative teacher FLOPs after ``steps_done`` steps, in closed form (each phase
-        costs the same every step), so a resumed run counts exactly what an uninterrupted one
-        does without saving anything."""
-        per_align, per_main = self.teacher_phase_flops()
-        end = self.align_ctrl.end if self.align_ctrl is not None else None
-        n_align = 0 if self.align_ctrl is None else steps_done if end is None else min(steps_done, end.step)
-        return float(n_align * per_align + (steps_done - n_align) * per_main)
-
     # -- freezing ----------------------------------------------------------------
-    def aligning(self, step: int) -> bool:
-        """Whether ``step`` is a step of the alignment stage."""
-        return self.align_ctrl is not None and self.align_ctrl.aligning(step)
-
     def frozen_stages(self, step: int) -> set[int]:
         """Stages whose lr multiplier is exactly 0 at ``step`` (never released, or not yet)."""
         return {s for s in self.names_by_stage if s != self.TRAINABLE and self.ctrl.lr_scale(s, step) == 0.0}
@@ -266,7 +123,7 @@ class Trainer:
     def apply_freeze(self, step: int) -> None:
         """requires_grad follows the controller (lr 0 alone would still compute weight grads);
         in the alignment stage only the aligned mixers' parameters train."""
-        if self.aligning(step):
+        if self.teaching.aligning(step):
             for n, p in self.params.items():
                 p.requires_grad_(n in self.align_names)
             return
@@ -276,7 +133,7 @@ class Trainer:
                 self.params[n].requires_grad_(s not in frozen)
 
     def frozen_param_names(self, step: int) -> frozenset:
-        if self.aligning(step):
+        if self.teaching.aligning(step):
             return frozenset(n for n in self.params if n not in self.align_names)
         frozen = self.frozen_stages(step)
         return frozenset(n for s in frozen for n in self.names_by_stage[s])
@@ -284,7 +141,7 @@ class Trainer:
     def step_flops(self, step: int) -> float:
         from .flops import alignment_step_flops, step_flops
 
-        if self.aligning(step):
+        if self.teaching.aligning(step):
             if "align" not in self._flops_cache:
                 self._flops_cache["align"] = float(
                     alignment_step_flops(self.model_config, self.cfg.data.batch_size, self.cfg.data.seq_len)
@@ -308,11 +165,11 @@ class Trainer:
     def spent_flops(self) -> float:
         """What ``budget.flops`` counts: the student's FLOPs, plus the teacher's unless
         ``distill.count_teacher_in_budget`` is off."""
-        return self.flops + (self.teacher_flops if self.cfg.distill.count_teacher_in_budget else 0.0)
+        return self.flops + (self.teaching.flops if self.cfg.distill.count_teacher_in_budget else 0.0)
 
     def progress(self, step: int) -> float:
         """Progress of the main schedule, which starts after the alignment stage."""
-        start, spent_before = self.align_ctrl.main_start() if self.align_ctrl is not None else (0, 0.0)
+        start, spent_before = self.teaching.main_start()
         total = self.total_steps()
         if total is not None:
             return (step - start) / max(1, total - start)
@@ -325,34 +182,19 @@ class Trainer:
             return self.step >= total
         return self.spent_flops() >= float(self.cfg.budget.flops)
 
-    def align_lr(self, step: int) -> float:
-        """The alignment stage's learning rate: ``align.lr`` (default: the peak lr), constant
-        after a linear warmup of ``align.warmup_steps``."""
-        a = self.cfg.align
-        peak = a.lr or self.peak_lr
-        return peak * (step + 1) / a.warmup_steps if step < a.warmup_steps else peak
-
     # -- checkpoints -------------------------------------------------------------------
     def ckpt_dir(self) -> Path:
         return self.rundir.checkpoints
 
     def save_checkpoint(self) -> None:
-        tag = f"step{self.step:08d}"
+        # the counters a resumed run continues from (teacher FLOPs follow from the step)
         state = {
             "step": self.step, "tokens": self.tokens, "flops": self.flops, "wall": self.wall,
             "last_val": self.last_val, "freeze": self.ctrl.state_dict(), "config_hash": self.cfg.content_hash(),
         }  # fmt: skip
-        self.engine.save_checkpoint(str(self.ckpt_dir()), tag=tag, client_state={"xatl": state})
-        torch.distributed.barrier()
-        if self.rank == 0:
-            tags = sorted(p.name for p in self.ckpt_dir().glob("step*") if p.is_dir())
-            for old in tags[: -self.cfg.checkpoint.keep]:
-                shutil.rmtree(self.ckpt_dir() / old, ignore_errors=True)
-        torch.distributed.barrier()
+        save_checkpoint(self.engine, self.ckpt_dir(), self.step, {"xatl": state}, self.cfg.checkpoint.keep, self.rank)
 
     def maybe_resume(self) -> bool:
-        from .checkpoint import load_for_resume
-
         # DeepSpeed's own loader unpickles with weights_only=False: a copied run folder could
         # execute code. load_for_resume reads every file weights_only=True (CheckpointError if not).
         loaded = load_for_resume(self.engine, self.ckpt_dir())
@@ -399,22 +241,6 @@ class Trainer:
             eng.train()
         return global_mean_loss(loss_sum, count, device=self._comm_device())
 
-    def evaluate_teacher(self) -> float | None:
-        """The teacher's validation loss (teacher recovery), for XATL and distilled runs; None
-        when the run has no teacher. A teacher that does not train with the run (plain XATL)
-        is loaded for this alone, replicated on every rank, and freed again."""
-        from .distill import teacher_spec
-
-        if self.teacher is not None:
-            return self.evaluate(self.teacher.module)
-        if teacher_spec(self.cfg) is None:
-            return None
-        teacher = self._place_teacher(self._load_teacher(), None)
-        try:
-            return self.evaluate(teacher.module)
-        finally:
-            del teacher
-
     def _comm_device(self):
         return self.device if self.device.type == "cuda" else None
 
@@ -429,16 +255,16 @@ class Trainer:
     def train(self) -> None:
         cfg = self.cfg
         resumed = self.maybe_resume()
-        self.teacher_flops = self.teacher_flops_at(self.step)
+        self.teaching.count_to(self.step)
         if self.rank == 0 and not resumed:
             self.rundir.start_metrics()
         # teacher recovery: the teacher's loss on the same validation batches (every start:
         # it goes into meta.json, and into the first metrics row)
-        self.teacher_val_loss = self.evaluate_teacher()
-        from .monitor import open_metrics  # metrics.jsonl, mirrored to TensorBoard / W&B (cfg.log)
+        self.teaching.evaluate(self.evaluate)
+        from .monitor import bar_postfix, open_metrics, progress_bar  # metrics.jsonl, mirrored (cfg.log)
 
         metrics = open_metrics(self.rundir, cfg, self.step) if self.rank == 0 else None
-        bar = _progress(self, resumed)
+        bar = progress_bar(cfg.name, self.total_steps(), self.step, resumed) if self.rank == 0 else None
         comm = self._comm_device()
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         need_norm = cfg.freeze.policy == "weight_norm"
@@ -447,21 +273,20 @@ class Trainer:
         try:
             while not self.finished():
                 step, t0 = self.step, time.perf_counter()
-                aligning = self.aligning(step)
-                phase = self.phase(step)
+                phase = self.teaching.phase(step)
+                aligning = phase == "align"
                 lrs = {}
                 if aligning:  # only the aligned mixers' groups train
                     for g, stage, al in zip(self.optimizer.param_groups, self.group_stages, self.group_aligned):
-                        g["lr"] = self.align_lr(step) if al else 0.0
+                        g["lr"] = self.teaching.align_lr(step) if al else 0.0
                         lrs["align" if al else str(stage)] = g["lr"]
                 else:
-                    start = self.align_ctrl.main_start()[0] if self.align_ctrl is not None else 0
+                    start = self.teaching.main_start()[0]
                     base_lr = lr_at(cfg, self.peak_lr, step - start, self.progress(step))
                     for g, stage in zip(self.optimizer.param_groups, self.group_stages):
                         g["lr"] = base_lr * (1.0 if stage == self.TRAINABLE else self.ctrl.lr_scale(stage, step))
                         lrs[str(stage)] = g["lr"]
                 step_flops = self.step_flops(step)
-                teacher_step = self.teacher_phase_flops()[0 if aligning else 1]
                 trainable = self.trainable_params(step)
                 sums = None  # per-step sums: the loss, then the distillation terms
                 for micro in range(self.gas):
@@ -483,10 +308,10 @@ class Trainer:
                 self.step += 1
                 self.tokens += tokens_per_step
                 self.flops += step_flops
-                self.teacher_flops = self.teacher_flops_at(self.step)
+                self.teaching.count_to(self.step)
                 self.wall += time.perf_counter() - t0
                 # the freeze controller's steps start after the stage: it is not fed before
-                ended = self.align_ctrl.update_align(step, train_loss, self.spent_flops()) if aligning else None
+                ended = self.teaching.update_align(step, train_loss, self.spent_flops()) if aligning else None
                 if events or ended:
                     self.apply_freeze(self.step)
                 row = {
@@ -497,11 +322,7 @@ class Trainer:
                 if aligning:  # the alignment MSE is no language-model loss: its own column
                     row["align_loss"] = row.pop("train_loss")
                 row.update(zip(terms, term_vals))
-                if self.teacher is not None:
-                    row["teacher_flops"] = self.teacher_flops
-                    row["teacher_flops_step"] = float(teacher_step)
-                if self.step == 1 and self.teacher_val_loss is not None:
-                    row["teacher_val_loss"] = self.teacher_val_loss
+                row.update(self.teaching.metrics(self.step, aligning))
                 if self.kernel_paths is None:  # once per launch: which mixer implementations ran
                     from .models.kernels import paths_used
 
@@ -523,7 +344,7 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     if self.step % cfg.log_every == 0 or events or ended or "val_loss" in row:
-                        bar.set_postfix(_postfix(row, self.last_val), refresh=False)
+                        bar.set_postfix(bar_postfix(row, self.last_val), refresh=False)
                     if ended:
                         bar.write(f"[{cfg.name}] step {ended.step}: alignment stage ended ({ended.rule}, "
                                   f"align loss {ended.align_loss:.4g})")  # fmt: skip
@@ -539,55 +360,15 @@ class Trainer:
         self.save_checkpoint()
         self.export()
 
-    def phase(self, step: int) -> str:
-        """What ``step`` optimizes: ``align`` (the alignment stage), ``distill`` or ``ce``."""
-        return "align" if self.aligning(step) else "distill" if self.cfg.distill.enabled else "ce"
-
     def batch_loss(self, x: torch.Tensor, phase: str) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss to back-propagate for micro-batch ``x`` in ``phase`` (see :meth:`phase`)
-        and its extra metrics terms (the distillation loss's CE and KL values)."""
-        if phase == "align":
-            return self._alignment_loss(x), {}
-        if phase == "distill":
-            d = self._distill_loss(x)
-            return d.total, d.terms()
-        return self.engine(input_ids=x, labels=x).loss, {}
-
-    def _distill_loss(self, x: torch.Tensor):
-        """The distillation loss of micro-batch ``x`` (distill.distill_loss)."""
-        from .distill import distill_loss
-
-        d = self.cfg.distill
-        teacher_logits = self.teacher.logits(x)
-        student_logits = self.engine(input_ids=x).logits
-        return distill_loss(student_logits, teacher_logits, x, kl_weight=d.kl_weight,
-                            reverse_kl_weight=d.reverse_kl_weight, ce_weight=d.ce_weight,
-                            temperature=d.temperature)  # fmt: skip
-
-    def _alignment_loss(self, x: torch.Tensor) -> torch.Tensor:
-        """The alignment loss of micro-batch ``x``: the student runs through its engine (ZeRO's
-        hooks see an ordinary forward), its aligned mixers fed the teacher's attention inputs."""
-        from .distill import MixerSubstitution, aligned_layers, alignment_loss
-
-        inputs, targets = self.teacher.attention_io(x, aligned_layers(self.model_config))
-        with MixerSubstitution(self.engine.module, inputs) as sub:
-            self.engine(input_ids=x, logits_to_keep=1)
-        return alignment_loss(sub.outputs, targets)
+        """The loss to back-propagate for micro-batch ``x`` in ``phase``
+        (:meth:`~xatl_ds.teaching.Teaching.phase`) and its extra metrics terms (the
+        distillation loss's CE and KL values)."""
+        if phase == "ce":
+            return self.engine(input_ids=x, labels=x).loss, {}
+        return self.teaching.loss(self.engine, x, phase)
 
     # -- export ------------------------------------------------------------------------------
-    def _teacher_meta(self) -> dict:
-        """The run metadata's teacher fields: teacher recovery numbers, FLOPs, the stage's end."""
-        from .distill import teacher_spec
-
-        end = self.align_ctrl.end if self.align_ctrl is not None else None
-        return {
-            "teacher": teacher_spec(self.cfg), "teacher_val_loss": self.teacher_val_loss,
-            "teacher_flops": self.teacher_flops, "teacher_params": self.teacher.n_params if self.teacher else None,
-            "teacher_params_per_rank": self.teacher.local_params if self.teacher else None,
-            "teacher_warning": self.teacher.warning if self.teacher else None,
-            "budget_flops": self.spent_flops(), "align_end": end.to_dict() if end is not None else None,
-        }  # fmt: skip
-
     def export(self) -> None:
         """HF-format model (consolidated from ZeRO shards) + tokenizer, meta.json, DONE."""
         from .data import load_tokenizer
@@ -597,36 +378,30 @@ class Trainer:
             if self.rank == 0:
                 state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in self.engine.module.state_dict().items()}
         if self.rank == 0:
-            from .export import save_model
+            from .export import save_model_in_place
             from .export.card import write_card
             from .models import XatlForCausalLM
 
-            hf = self.rundir.hf
-            tmp = hf.with_name(hf.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
             model = XatlForCausalLM(self.model_config)
             model.load_state_dict(state)
+            tok_dir = Path(self.cfg.data.path) / "tokenizer"
+            tok = load_tokenizer(tok_dir) if tok_dir.is_dir() else None
             # native where a transformers class computes the same function (an all-attention run is
             # then a source model like any hub one), else the XATL save plus its own code (remote code)
-            export_format = save_model(model, tmp, "auto").format
-            tok_dir = Path(self.cfg.data.path) / "tokenizer"
-            if tok_dir.is_dir():
-                load_tokenizer(tok_dir).save_pretrained(tmp)
-            shutil.rmtree(hf, ignore_errors=True)
-            tmp.rename(hf)
+            export_format = save_model_in_place(model, self.rundir.hf, "auto", tokenizer=tok).format
             meta = {
                 "name": self.cfg.name, "config": self.cfg.to_dict(), "config_hash": self.cfg.content_hash(),
                 "model_config": self.model_config.to_dict(), "steps": self.step, "tokens": self.tokens,
                 "flops": self.flops, "wall_time": self.wall, "final_val_loss": self.last_val,
                 "unfreeze_events": [e.to_dict() for e in self.ctrl.events], "transfer": self.transfer_report,
                 "world_size": self.world, "zero_stage": self.zero_stage, "precision": self.precision,
-                "export_format": export_format, "versions": _versions(),
+                "export_format": export_format, "versions": versions(),
                 "kernel_paths": self.kernel_paths, "compile": self.cfg.train.compile,
                 "max_memory_allocated": torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
             }  # fmt: skip
-            meta.update(self._teacher_meta())
+            meta.update(self.teaching.meta(budget_flops=self.spent_flops()))
             self.rundir.write_json(RunDir.META, meta)
-            write_card(hf, self.rundir)  # the model card reads the run's numbers from meta.json
+            write_card(self.rundir.hf, self.rundir)  # the model card reads the run's numbers from meta.json
             self.rundir.mark_done()
         torch.distributed.barrier()
 
@@ -654,37 +429,6 @@ class _gathered:
         if self.ctx:
             return self.ctx.__exit__(*exc)
         return False
-
-
-def _progress(tr: Trainer, resumed: bool):
-    if tr.rank != 0:
-        return None
-    from tqdm import tqdm
-
-    total = tr.total_steps()
-    desc = f"{tr.cfg.name}" + (" (resumed)" if resumed else "")
-    # TQDM_DISABLE=1 (tqdm's own variable) turns the bar off; XATL_NO_PROGRESS=1 is still honoured
-    legacy = {"disable": True} if os.environ.get("XATL_NO_PROGRESS") == "1" else {}
-    return tqdm(total=total, initial=tr.step, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0,
-                **legacy)  # fmt: skip
-
-
-def _postfix(row: dict, val: float | None) -> dict:
-    loss = ("loss", row["train_loss"]) if "train_loss" in row else ("align", row["align_loss"])
-    d = {loss[0]: f"{loss[1]:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}", "stage": row["freeze_stage"]}
-    if val is not None:
-        d["val"] = f"{val:.3f}"
-    return d
-
-
-def _versions() -> dict:
-    import deepspeed
-    import transformers
-
-    from . import __version__
-
-    return {"xatl_ds": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-            "transformers": transformers.__version__}  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -724,7 +468,7 @@ def main(argv=None) -> int:
         except RunLocked as e:
             print(f"xatl_ds.train: {e}", file=sys.stderr)
             return 3
-    _setup_threads()
+    setup_threads()
     rank, world, device = init_distributed()
     try:
         cfg.batch_layout(world)
@@ -747,20 +491,6 @@ def main(argv=None) -> int:
         if lock is not None:
             lock.release()
     return 0
-
-
-def check_finished(rd: RunDir, cfg: RunConfig) -> bool:
-    """Whether ``rd`` holds this config's finished run. A finished run of a *different*
-    config (edited since) is a ConfigError: its results would be taken for this one's
-    (:func:`xatl_ds.preflight.check_run_dir`, which the launcher ran already)."""
-    if Path(rd.path) != Path(cfg.out_dir):
-        from dataclasses import replace
-
-        cfg = replace(cfg, out_dir=str(rd.path))
-    try:
-        return check_run_dir(cfg)
-    except PreflightError as e:
-        raise ConfigError(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ __all__ = [
     "native_config",
     "resolve_format",
     "save_model",
+    "save_model_in_place",
     "to_native",
 ]
 
@@ -80,6 +81,22 @@ def save_model(model, out_dir: str | Path, fmt: str = "auto") -> ExportResult:
         return ExportResult(out, kind, type(native).__name__)
     model.save_pretrained(out)
     return ExportResult(out, kind, type(model).__name__, write_remote_code(out))
+
+
+def save_model_in_place(model, out_dir: str | Path, fmt: str = "auto", *, tokenizer=None) -> ExportResult:
+    """:func:`save_model` and the ``tokenizer`` (if any), written beside ``out_dir`` and then
+    renamed into place (an earlier folder is replaced), so that ``out_dir`` is never half
+    written: the trainer's ``hf/``. No card (the trainer writes it from meta.json, later)."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    res = save_model(model, tmp, fmt)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    res.path = out
+    return res
 
 
 def export_model(model, out_dir: str | Path, fmt: str = "auto", *, tokenizer=None, run=None) -> ExportResult:
