@@ -226,7 +226,9 @@ def test_real_sweep_interrupt_resume_skip(tmp_path, tiny_dataset, monkeypatch, c
     assert {x["state"] for x in rows.values()} == {"done"}
     assert rows["s0"]["steps"] == 6 and rows["s0"]["val_loss"] is not None
     meta = json.loads((run.out_dir / "meta.json").read_text())
-    assert meta["config"]["init"]["source"] == str(src.out_dir / "hf") and meta["transfer"]
+    assert meta["config"] == "config.yaml" and meta["transfer"], "meta.json refers to the one serialised config"
+    assert run.dir.read_config()["init"]["source"] == str(src.out_dir / "hf")
+    assert json.loads((run.out_dir / "model.json").read_text())["layer_mixers"], "the model the trainer built"
 
     assert main(["status", str(f)]) == 0
     assert "2 done" in capsys.readouterr().out

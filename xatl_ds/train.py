@@ -390,7 +390,7 @@ class Trainer:
             # then a source model like any hub one), else the XATL save plus its own code (remote code)
             export_format = save_model_in_place(model, self.rundir.hf, "auto", tokenizer=tok).format
             meta = {
-                "name": self.cfg.name, "config": self.cfg.to_dict(), "config_hash": self.cfg.content_hash(),
+                "name": self.cfg.name, "config": RunDir.CONFIG, "config_hash": self.cfg.content_hash(),
                 "model_config": self.model_config.to_dict(), "steps": self.step, "tokens": self.tokens,
                 "flops": self.flops, "wall_time": self.wall, "final_val_loss": self.last_val,
                 "unfreeze_events": [e.to_dict() for e in self.ctrl.events], "transfer": self.transfer_report,
@@ -475,7 +475,9 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg, rank, world, device)
         if rank == 0:
             rd.path.mkdir(parents=True, exist_ok=True)
-            rd.config.write_text(cfg.to_yaml())
+            if not rd.config.is_file() or rd.config.read_text() != cfg.to_yaml():  # a scheduler wrote it already
+                rd.config.write_text(cfg.to_yaml())
+            rd.write_json(RunDir.MODEL, trainer.model_config.to_dict())  # what analysis reads, before any step
             if trainer.transfer_report:
                 rd.write_json(RunDir.TRANSFER, trainer.transfer_report)
         trainer.train()

@@ -95,7 +95,7 @@ def model_card(config: Any, *, export_format: str, model_class: str, run: RunDir
     """The README.md text for a model with XatlConfig ``config`` exported as ``model_class``
     (``export_format`` native or remote-code), with ``run``'s numbers when given."""
     meta = run.meta() if run is not None and run.meta_path.is_file() else {}
-    cfg = meta.get("config") or (run.read_config() if run is not None and run.config.is_file() else {})
+    cfg = run.read_config() if run is not None else {}
     init = cfg.get("init") or {}
     source = init.get("source") if init.get("kind", "scratch") != "scratch" else None
     lic = license or source_license(source)
