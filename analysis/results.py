@@ -170,13 +170,17 @@ def size_label(rec: RunRecord, records: dict[str, RunRecord] | None = None) -> s
 def _attention_layers(rec: RunRecord) -> str:
     """Which layers the trainer built with attention, as a label: ``none``, ``all`` or ``1,3``
     (the config's own spec before the trainer has built the model)."""
-    mixers = rec.model.get("layer_mixers")
-    if not mixers:
+    mixers, built = rec.model.get("layer_mixers"), rec.model.get("attention_layers")
+    n = rec.model.get("num_hidden_layers")
+    if mixers:
+        idx, n = [i for i, m in enumerate(mixers) if m == "attention"], len(mixers)
+    elif isinstance(built, list) and n:  # the built config holds the resolved indices
+        idx = [int(i) for i in built]
+    else:
         return str(rec.config.model.attention_layers)
-    idx = [i for i, m in enumerate(mixers) if m == "attention"]
     if not idx:
         return "none"
-    return "all" if len(idx) == len(mixers) else ",".join(str(i) for i in idx)
+    return "all" if len(idx) == n else ",".join(str(i) for i in idx)
 
 
 def _order_label(order: Any) -> str:

@@ -477,7 +477,8 @@ def main(argv=None) -> int:
             rd.path.mkdir(parents=True, exist_ok=True)
             if not rd.config.is_file() or rd.config.read_text() != cfg.to_yaml():  # a scheduler wrote it already
                 rd.config.write_text(cfg.to_yaml())
-            rd.write_json(RunDir.MODEL, trainer.model_config.to_dict())  # what analysis reads, before any step
+            mc = trainer.model_config  # what analysis reads, before any step
+            rd.write_json(RunDir.MODEL, {**mc.to_dict(), "layer_mixers": list(mc.layer_mixers)})
             if trainer.transfer_report:
                 rd.write_json(RunDir.TRANSFER, trainer.transfer_report)
         trainer.train()
