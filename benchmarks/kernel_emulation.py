@@ -209,3 +209,38 @@ def activate() -> dict[str, str]:
     mamba.use_kernels = mamba2.use_kernels = use_kernels
     _STATE.update(active=True, versions=versions)
     return versions
+
+
+# -- mamba-ssm rows under emulation (optional) ---------------------------------------------
+def emulate_cuda_paths() -> dict:
+    """For the optional ``cuda`` rows on a CPU: :func:`activate` (mamba-ssm's Python and Triton
+    code, its CUDA extensions as contract-checked reference functions), then the path selector of every loaded xatl_ds module answers ``cuda`` for
+    CPU tensors under ``kernels="cuda"`` alone: ``triton`` and ``auto`` keep their own answers,
+    so no reference function can stand in for one of our kernels. Returns the versions."""
+    from xatl_ds.models import kernels as K
+
+    versions = activate()
+    real_select, real_available = K.select_path, K.available
+
+    def select_path(mode, x, what, cuda_module=None):
+        if mode == "cuda" and x.device.type == "cpu":
+            return "cuda" if cuda_module is not None else real_select("triton", x, what)
+        return real_select(mode, x, what, cuda_module)
+
+    def available(module):
+        return K._try_import(module) is not None or real_available(module)
+
+    def use_kernels(mode, x, module, what):
+        return mode == "cuda"
+
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("xatl_ds.models"):
+            for attr, fn in (("select_path", select_path), ("available", available), ("use_kernels", use_kernels)):
+                if hasattr(mod, attr):
+                    setattr(mod, attr, fn)
+    return versions
+
+
+def emulation_packages_present() -> bool:
+    """Whether mamba-ssm's and causal-conv1d's sources are installed (``make emulation-deps``)."""
+    return all(v is not None for v in _versions().values())
