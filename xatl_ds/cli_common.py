@@ -1,13 +1,11 @@
-"""Options and helpers every ``xatl-ds`` command module shares: the launcher options, the
-error exit, and the notice before DeepSpeed's first CPU op build. Nothing heavy is imported at
-module level (see :mod:`xatl_ds.cli`)."""
+"""Options and helpers every ``xatl-ds`` command module shares: the launcher options and the
+error exit. Nothing heavy is imported at module level (see :mod:`xatl_ds.cli`)."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-__all__ = ["DS_CPU_OP", "add_launch_options", "announce_cpu_op_build", "cpu_op_build_dir", "fail", "launch_options"]
+__all__ = ["add_launch_options", "fail", "launch_options"]
 
 
 def add_launch_options(p: argparse.ArgumentParser) -> None:
@@ -33,31 +31,3 @@ def fail(command: str, err: BaseException, code: int = 2) -> int:
     """Say why ``xatl-ds COMMAND`` failed on stderr; returns the exit code."""
     print(f"xatl-ds {command}: {err}", file=sys.stderr)
     return code
-
-
-#: the C++ op DeepSpeed compiles (torch JIT extension) the first time a rank starts on a CPU
-DS_CPU_OP = "deepspeed_shm_comm"
-
-
-def cpu_op_build_dir() -> str | None:
-    """Where torch keeps DeepSpeed's CPU op (its JIT-extension folder rule); None on CUDA."""
-    import torch
-
-    if torch.cuda.is_available():
-        return None
-    from torch.utils.cpp_extension import get_default_build_root
-
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if root is None:
-        acc = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
-        root = os.path.join(get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}"
-                            f"{getattr(sys, 'abiflags', '')}_{acc}")  # fmt: skip
-    return os.path.join(root, DS_CPU_OP)
-
-
-def announce_cpu_op_build() -> None:
-    """Say so before the first CPU launch compiles DeepSpeed's op: ~60 s of silence otherwise."""
-    d = cpu_op_build_dir()
-    if d is not None and not os.path.isfile(os.path.join(d, f"{DS_CPU_OP}.so")):
-        print(f"[xatl-ds] first CPU launch: DeepSpeed compiles its C++ op {DS_CPU_OP} now (about a minute, "
-              f"once; cached in {d})", file=sys.stderr, flush=True)  # fmt: skip

@@ -9,7 +9,7 @@ import shlex
 import socket
 import sys
 
-from .cli_common import add_launch_options, announce_cpu_op_build, fail, launch_options
+from .cli_common import add_launch_options, fail, launch_options
 
 __all__ = ["quickstart_parser", "sweep_parser", "train_parser", "tune_parser"]
 
@@ -42,7 +42,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(shlex.join(deepspeed_command(args.config, launch_options(args), args.override)))
         return 0
-    announce_cpu_op_build()
     rc = run_foreground(deepspeed_command(args.config, with_port(launch_options(args)), args.override))
     if rc == 0:
         _print_outputs(cfg)
@@ -131,8 +130,6 @@ def _cmd_sweep_run(args: argparse.Namespace) -> int:
 
     try:
         sweep = _load_sweep(args.file, args.only)
-        if not args.dry_run:
-            announce_cpu_op_build()
         return run_sweep(sweep, launch_options(args), max_parallel=args.max_parallel, dry_run=args.dry_run)
     except (SweepError, ConfigError) as e:
         return fail("sweep", e)
@@ -206,8 +203,6 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         from .tune import open_study
 
         wid = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-        if args.worker_id is None:  # the first worker only (children get an id)
-            announce_cpu_op_build()
         if args.workers > 1:
             open_study(spec)  # create the study (and its sqlite file) once, before the workers start
         children = [Launch(_tune_child_argv(args, f"{wid}-{k}")).start() for k in range(1, args.workers)]
@@ -250,7 +245,6 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 
     try:
         path = sweep_file_path(args.sweep)
-        announce_cpu_op_build()
         return run(path, args.eval_limit, report_out=Path(args.report_out) if args.report_out else None,
                    max_parallel=args.max_parallel, only=args.only)  # fmt: skip
     except (ConfigError, ValueError) as e:

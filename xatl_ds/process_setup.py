@@ -1,4 +1,4 @@
-"""A trainer rank's own process: threads, torch.distributed, DeepSpeed's shared memory, versions.
+"""A trainer rank's own process: threads, torch.distributed (without DeepSpeed's CPU inference op), versions.
 
 The launcher side -- starting, watching and stopping the ranks -- is :mod:`xatl_ds.executor`'s;
 this module sets up the process a launcher started (or ``python -m xatl_ds.train``, a world of
@@ -7,13 +7,13 @@ one), before the trainer builds anything in it.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 
-__all__ = ["SHM_DIR", "setup_threads", "release_shm_workspace", "init_distributed", "versions"]
+__all__ = ["DS_CPU_OP", "setup_threads", "skip_cpu_inference_op", "init_distributed", "versions"]
 
-SHM_DIR = Path("/dev/shm")
+#: the C++ op DeepSpeed's CPU backend would compile (torch JIT extension) in every rank it starts
+DS_CPU_OP = "deepspeed_shm_comm"
 
 
 def setup_threads() -> None:
@@ -25,21 +25,20 @@ def setup_threads() -> None:
         torch.set_num_threads(n)
 
 
-def release_shm_workspace(rank: int) -> None:
-    """Unlink this rank's name of DeepSpeed's CPU allreduce workspace.
+def skip_cpu_inference_op() -> None:
+    """Keep DeepSpeed's CPU backend from building and mapping its shared-memory allreduce op.
 
-    DeepSpeed's CPU backend maps a ~67 MB shared-memory segment per rank,
-    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``, and never unlinks it:
-    with a free port per launch every run would leave its segments behind, and a sweep fills
-    /dev/shm (which is RAM). Once every rank has mapped every segment (the barrier: DeepSpeed's
-    init returns only after its rank opened all of them) the names can go; the mappings live on
-    until the processes exit, however they exit."""
-    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    if not addr or not port or not SHM_DIR.is_dir():
-        return
-    torch.distributed.barrier()
-    for p in SHM_DIR.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"):
-        p.unlink(missing_ok=True)
+    The op (``deepspeed_shm_comm``) serves only ``inference_all_reduce`` (tensor-parallel
+    inference); training reduces through torch.distributed (gloo). Left on, every new
+    environment compiles it at its first launch (~60 s, minutes on a busy machine), each rank maps
+    a ~67 MB ``/dev/shm`` segment DeepSpeed never unlinks, and a rank killed while compiling
+    leaves torch's lock file behind, after which every later launch waits for it forever.
+    DeepSpeed reads its table of usable ops (``deepspeed.ops.__compatible_ops__``) when a backend
+    starts and keeps it for edits, so marking the op unusable there is its own way to go
+    without it."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[DS_CPU_OP] = False
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -54,6 +53,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     cuda = torch.cuda.is_available()
+    if not cuda:
+        skip_cpu_inference_op()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if cuda:
@@ -61,7 +62,6 @@ def init_distributed() -> tuple[int, int, torch.device]:
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     else:
-        release_shm_workspace(rank)
         device = torch.device("cpu")
     return rank, world, device
 

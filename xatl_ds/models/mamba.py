@@ -115,6 +115,8 @@ def _load_lib() -> ctypes.CDLL | None:
     """Build (or reuse) and load the C++ kernels; None (with one warning) if that fails."""
     from torch.utils.cpp_extension import get_default_build_root, load
 
+    from ..jit_build import exclusive_build
+
     tag, flags = _build_flags()
     name = f"xatl_selective_scan_{tag}"
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
@@ -125,15 +127,16 @@ def _load_lib() -> ctypes.CDLL | None:
             os.makedirs(build_dir, exist_ok=True)
             before = set(torch.ops.loaded_libraries)
             cflags = flags + (["-fopenmp"] if omp else [])
-            path = load(
-                name=name if omp else name + "_serial",
-                sources=[str(_SRC)],
-                extra_cflags=cflags,
-                extra_ldflags=["-fopenmp"] if omp else [],
-                build_directory=build_dir,
-                is_python_module=False,
-                verbose=False,
-            )
+            with exclusive_build(build_dir):  # a killed earlier build must not hang this one
+                path = load(
+                    name=name if omp else name + "_serial",
+                    sources=[str(_SRC)],
+                    extra_cflags=cflags,
+                    extra_ldflags=["-fopenmp"] if omp else [],
+                    build_directory=build_dir,
+                    is_python_module=False,
+                    verbose=False,
+                )
             if not isinstance(path, str):  # older torch returns None: find what it loaded
                 new = set(torch.ops.loaded_libraries) - before
                 path = next(iter(new)) if new else os.path.join(build_dir, name + ".so")
