@@ -81,5 +81,3 @@ def render(info: dict, res: dict) -> str:
                   "Peak mem: the most memory allocated while the model was built and ran its first step, above what "
                   "was allocated before (other models' weights). First step: build, JIT / compile and one step."]  # fmt: skip
     return "\n".join(lines) + "\n"
-
-

@@ -214,8 +214,8 @@ def activate() -> dict[str, str]:
 # -- mamba-ssm rows under emulation (optional) ---------------------------------------------
 def emulate_cuda_paths() -> dict:
     """For the optional ``cuda`` rows on a CPU: :func:`activate` (mamba-ssm's Python and Triton
-    code, its CUDA extensions as contract-checked reference functions), then the path selector of every loaded xatl_ds module answers ``cuda`` for
-    CPU tensors under ``kernels="cuda"`` alone: ``triton`` and ``auto`` keep their own answers,
+    code, its CUDA extensions as contract-checked reference functions), then the path selector
+    of every loaded xatl_ds module answers ``cuda`` for CPU tensors under ``kernels="cuda"`` alone: ``triton`` and ``auto`` keep their own answers,
     so no reference function can stand in for one of our kernels. Returns the versions."""
     from xatl_ds.models import kernels as K
 

@@ -71,6 +71,8 @@ def _sweep_file(tmp_path: Path, data: Path) -> Path:
 
 
 def test_dry_run_commands_run_as_printed(tmp_path, tiny_dataset, capsys):
+    from xatl_ds.process_setup import DS_CPU_OP
+
     f = _sweep_file(tmp_path, tiny_dataset)
     assert main(["sweep", "run", str(f), "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -84,7 +86,7 @@ def test_dry_run_commands_run_as_printed(tmp_path, tiny_dataset, capsys):
     r = subprocess.run(cmds[0], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "sw" / "runs").iterdir()) == [Path(cmds[0][-1]).stem]
-    assert not (tmp_path / "ext" / "deepspeed_shm_comm").exists()
+    assert not (tmp_path / "ext" / DS_CPU_OP).exists()
 
 
 def test_closed_stdout_pipe_ends_quietly(tmp_path, tiny_dataset):

@@ -1,4 +1,4 @@
-"""A trainer rank's own process: threads, torch.distributed (without DeepSpeed's CPU inference op), versions.
+"""A trainer rank's own process: threads, torch.distributed (no DeepSpeed CPU op), versions.
 
 The launcher side -- starting, watching and stopping the ranks -- is :mod:`xatl_ds.executor`'s;
 this module sets up the process a launcher started (or ``python -m xatl_ds.train``, a world of
