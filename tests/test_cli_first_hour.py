@@ -80,6 +80,8 @@ def test_dry_run_commands_run_as_printed(tmp_path, tiny_dataset, capsys):
     assert len(cmds) == 3 and not (tmp_path / "sw").exists(), "a dry run writes nothing under the sweep root"
     for c in cmds:
         assert Path(c[-1]).is_file() and c[-2] == "--config"
+    ports = [c[c.index("--master_port") + 1] for c in cmds]
+    assert len(set(ports)) == 3, "each printed command has its own free port, not DeepSpeed's shared 29500"
     # the first (the source) exactly as printed, through the launcher, in a fresh extension cache:
     # a CPU rank compiles nothing of DeepSpeed's (its inference-only op is skipped)
     env = dict(train_env(), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))

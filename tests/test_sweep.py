@@ -209,7 +209,7 @@ def test_real_sweep_interrupt_resume_skip(tmp_path, tiny_dataset, monkeypatch, c
 
     watcher = threading.Thread(target=ctrl_c, daemon=True)
     watcher.start()
-    assert main(["run", str(f), "--master-port", "29731"]) == 130
+    assert main(["run", str(f)]) == 130
     watcher.join()
     out = capsys.readouterr().out
     assert "interrupted" in out and not (src.out_dir / "DONE").exists()
@@ -218,7 +218,7 @@ def test_real_sweep_interrupt_resume_skip(tmp_path, tiny_dataset, monkeypatch, c
     steps_before = json.loads((src.out_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
     assert 0 < steps_before < 120
 
-    assert main(["run", str(f), "--master-port", "29731"]) == 0, capsys.readouterr().out
+    assert main(["run", str(f)]) == 0, capsys.readouterr().out
     assert "source: resuming" in capsys.readouterr().out
     steps = [json.loads(x)["step"] for x in (src.out_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 121)), "the interrupted source resumed from its checkpoint"

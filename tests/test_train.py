@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from conftest import REPO, train_env
+from xatl_ds.executor import free_port
 
 pytestmark = pytest.mark.slow
 PY = sys.executable
@@ -31,7 +32,7 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 def run_deepspeed(cfg: Path, ranks: int = 2, timeout: int = 420) -> subprocess.CompletedProcess:
-    port = str(29500 + os.getpid() % 1000)
+    port = str(free_port())  # not a fixed one: another checkout's tests may be launching beside us
     cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", port, "--module", "xatl_ds.train", "--config", str(cfg)]
     r = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

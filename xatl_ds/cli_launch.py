@@ -39,10 +39,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         check_free(cfg.out_dir)
     except RunLocked as e:
         return fail("train", e, 3)
+    cmd = deepspeed_command(args.config, with_port(launch_options(args)), args.override)
     if args.dry_run:
-        print(shlex.join(deepspeed_command(args.config, launch_options(args), args.override)))
+        print(shlex.join(cmd))  # with a port free now, not DeepSpeed's shared default
         return 0
-    rc = run_foreground(deepspeed_command(args.config, with_port(launch_options(args)), args.override))
+    rc = run_foreground(cmd)
     if rc == 0:
         _print_outputs(cfg)
     return rc

@@ -95,7 +95,7 @@ def free_port() -> int:
 
 
 def deepspeed_command(config: str | Path, opts: LaunchOptions, overrides: list[str] | None = None) -> list[str]:
-    """The exact command that trains ``config`` (no port chosen here: see :meth:`Launch.start`)."""
+    """The exact command that trains ``config`` (no port chosen here: pass :func:`with_port`'s options)."""
     exe = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
     cmd = [exe]
     if opts.hostfile:
@@ -117,11 +117,14 @@ def deepspeed_command(config: str | Path, opts: LaunchOptions, overrides: list[s
     return cmd
 
 
-def with_port(opts: LaunchOptions) -> LaunchOptions:
-    """``opts`` with a free rendezvous port when none is given on a single node."""
+def with_port(opts: LaunchOptions, taken: set[int] = frozenset()) -> LaunchOptions:
+    """``opts`` with a free rendezvous port, none of ``taken``, when none is given on a single node."""
     if opts.master_port or opts.hostfile:
         return opts
-    return replace(opts, master_port=free_port())
+    port = free_port()
+    while port in taken:
+        port = free_port()
+    return replace(opts, master_port=port)
 
 
 def train_env(owner: bool = True) -> dict:

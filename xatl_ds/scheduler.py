@@ -150,10 +150,14 @@ class Scheduler:
 
     def dry_run(self, specs: list[RunSpec], folder: Path) -> None:
         """Print the command of every run, with its config written to ``folder`` (the commands
-        run exactly as printed; nothing is written anywhere else)."""
+        run exactly as printed; nothing is written anywhere else). Each command names its own
+        rendezvous port, free when printed: run side by side, or beside another job, they would
+        otherwise all take DeepSpeed's default 29500."""
+        taken: set[int] = set()
         for slot, r in enumerate(specs):
             path = r.write_config(folder / f"{r.key}.yaml")
-            o = slot_options(self.opts, slot % self.max_parallel, self.max_parallel, self.n_devices)
+            o = with_port(slot_options(self.opts, slot % self.max_parallel, self.max_parallel, self.n_devices), taken)
+            taken.add(o.master_port or 0)
             print(f"# {r.name} [{r.id}] {'done' if r.dir.is_done() else 'todo'}", file=self.out)
             print(shlex.join(self.command(r, path, o)), file=self.out)
 
