@@ -258,7 +258,7 @@ def plot_savings_vs_size(agg: pd.DataFrame, df: pd.DataFrame, path: str | Path) 
         ok = np.isfinite(y)
         pt = ok & ~lb
         err = np.vstack([np.where(np.isfinite(lo), y - lo, 0), np.where(np.isfinite(hi), hi - y, 0)])
-        h = ax.errorbar(xs[pt], y[pt], yerr=err[:, pt], fmt="o", ms=5, capsize=2, color=st["color"], lw=1)
+        ax.errorbar(xs[pt], y[pt], yerr=err[:, pt], fmt="o", ms=5, capsize=2, color=st["color"], lw=1)
         bd = ok & lb
         if bd.any():  # a bound: an arrow up from the value, no error bar
             ax.errorbar(xs[bd], y[bd], yerr=0.25 * y[bd], lolims=True, fmt="_", ms=9, mew=2, color=st["color"], lw=1)

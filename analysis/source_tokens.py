@@ -21,7 +21,6 @@ values, :func:`analysis.length.loglog_fit`).
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -122,6 +121,13 @@ def _train_tokens(data_dir: str | Path) -> float | None:
         return None
 
 
+def setting_label(summary: pd.DataFrame) -> pd.Series:
+    """What a row converts, in words: ``mamba, random, freeze lit`` is the paper's setting."""
+    cols = [c for c in ("mixer", "recipe", "freeze_policy") if c in summary]
+    return summary[cols].astype(str).apply(
+        lambda r: ", ".join(f"freeze {v}" if k == "freeze_policy" else v for k, v in r.items()), axis=1)
+
+
 def plot_source_tokens(summary: pd.DataFrame, path: str | Path) -> Path | None:
     """Multiplier (and source-inclusive multiplier) against source tokens, one colour per recipe."""
     if summary.empty:
@@ -131,8 +137,10 @@ def plot_source_tokens(summary: pd.DataFrame, path: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import NullFormatter
+
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
-    for (recipe, g) in summary.groupby("recipe", sort=False):
+    for (recipe, g) in summary.assign(setting=setting_label(summary)).groupby("setting", sort=False):
         g = g.sort_values("source_tokens")
         for ax, pre in zip(axes, ("multiplier", "multiplier_incl_source")):
             y = g[f"{pre}_mean"].to_numpy(dtype=float)
@@ -142,10 +150,11 @@ def plot_source_tokens(summary: pd.DataFrame, path: str | Path) -> Path | None:
     for ax, t in zip(axes, ("effective-compute multiplier", "incl. the source's FLOPs")):
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis overlap
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("source training tokens (source_tokens)")
         ax.set_title(t, fontsize=9)
-    axes[0].legend(title="recipe", fontsize=8)
+    axes[0].legend(title="student mixer, recipe, freezing", fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,8 +207,9 @@ def write_source_tokens(sweep_dirs: Sequence[str | Path], out_dir: str | Path, *
                       if math.isfinite(r[f"{pre}_mean"]) else "no estimate" for _, r in v.iterrows()]  # fmt: skip
         v["payback"] = [f"{r['payback_conversions']:.1f} [{r['payback_conversions_low']:.1f}, {r['payback_conversions_high']:.1f}]"
                         for _, r in v.iterrows()]  # fmt: skip
-        md.append(md_table(v, ["recipe", "source_tokens", "source_epochs", "n_seeds", "multiplier",
-                               "multiplier_incl_source", "payback"]))  # fmt: skip
+        cols = ["mixer", "recipe", "freeze_policy", "source_tokens", "source_epochs", "n_seeds", "multiplier",
+                "multiplier_incl_source", "payback"]  # fmt: skip
+        md.append(md_table(v, [c for c in cols if c in v]))
         md += ["", "Trend, log m = a + g log(source_tokens), per recipe:", "", md_table(trend)]
     else:
         md.append("_No finished pairing yet._\n")

@@ -11,7 +11,7 @@ from analysis.effective import effective_multiplier
 from analysis.law import fit_law
 from analysis.length import catch_up, length_summary, length_table, loglog_fit
 from analysis.recipes_confirm import compare
-from analysis.source_tokens import payback_conversions, source_summary, source_trend
+from analysis.source_tokens import payback_conversions, plot_source_tokens, setting_label, source_summary, source_trend
 
 E, A, ALPHA = 3.0, 4.0e3, 0.3  # scratch: L(C) = E + A * C^-alpha (C in FLOPs)
 B = 8.0e11
@@ -102,7 +102,7 @@ def test_length_with_noise_and_seeds_keeps_the_truth_in_reach():
 
 
 # -- item 3: a known dependence on source tokens ---------------------------------------------------
-def test_source_tokens_recovers_a_known_dependence_and_the_payback():
+def test_source_tokens_recovers_a_known_dependence_and_the_payback(tmp_path):
     c0, g = 2.0, 0.2  # m(T) = c0 * (T / 1e6)^g
     tokens = {"src10x": 2.5e6, "src30x": 7.6e6, "src100x": 25.4e6}
     sflops = {"src10x": 8e12, "src30x": 2.4e13, "src100x": 8e13}
@@ -129,6 +129,8 @@ def test_source_tokens_recovers_a_known_dependence_and_the_payback():
         assert r["source_epochs"] == pytest.approx(r["source_tokens"] / 4.5e6)
     tr = source_trend(table).iloc[0]
     assert tr["exponent"] == pytest.approx(g, rel=0.05)
+    assert set(setting_label(summ)) == {"mamba, random, freeze lit"}  # the figure's legend
+    assert plot_source_tokens(summ, tmp_path / "f.png").stat().st_size > 0
 
 
 def test_payback_conversions():
