@@ -75,8 +75,12 @@ def _log_axis(ax, which: str = "x") -> None:
     (ax.set_xscale if which == "x" else ax.set_yscale)("log")
     lo, hi = ax.get_xlim() if which == "x" else ax.get_ylim()
     span = math.log10(hi / lo) if lo > 0 and hi > lo else 3
-    subs = (1.0, 2.0, 3.0, 5.0, 7.0) if span < 0.8 else (1.0, 2.0, 5.0) if span < 2.5 else (1.0,)
-    axis.set_major_locator(mticker.LogLocator(base=10, subs=subs))
+    if span < 0.5:  # within less than half a decade 1-2-5 may give one label or none: linear-style ticks
+        ticks = [t for t in mticker.MaxNLocator(nbins=5, steps=[1, 2, 5, 10]).tick_values(lo, hi) if lo <= t <= hi and t > 0]
+        axis.set_major_locator(mticker.FixedLocator(ticks))
+    else:
+        subs = (1.0, 2.0, 3.0, 5.0, 7.0) if span < 0.8 else (1.0, 2.0, 5.0) if span < 2.5 else (1.0,)
+        axis.set_major_locator(mticker.LogLocator(base=10, subs=subs))
     axis.set_major_formatter(mticker.FuncFormatter(_compact))
     axis.set_minor_locator(mticker.LogLocator(base=10, subs=np.arange(1, 10)))
     axis.set_minor_formatter(mticker.NullFormatter())
@@ -262,8 +266,9 @@ def plot_savings_vs_size(agg: pd.DataFrame, df: pd.DataFrame, path: str | Path) 
         bd = ok & lb
         if bd.any():  # a bound: an arrow up from the value, no error bar
             ax.errorbar(xs[bd], y[bd], yerr=0.25 * y[bd], lolims=True, fmt="_", ms=9, mew=2, color=st["color"], lw=1)
-        legend.setdefault(variant_label(g.iloc[0]), plt.Line2D([], [], color=st["color"], ls="none",
-                                                               marker="o" if pt.any() else "^"))  # fmt: skip
+        label = variant_label(g.iloc[0]) + ("" if ok.any() else " (target not reached)")
+        legend.setdefault(label, plt.Line2D([], [], color=st["color"], ls="none",
+                                            marker="o" if pt.any() or not ok.any() else "^"))  # fmt: skip
     ax.axhline(1.0, color="k", ls="--", lw=0.8)
     ax.set_xticks(range(len(order)), order)
     ax.set_xlim(-0.6, len(order) - 0.4)

@@ -25,7 +25,7 @@ class ReportFigures:
     savings_vs_size: Path
     savings_vs_target_loss: Path
     benchmark_deltas: Path
-    effective_vs_size: Path
+    effective_vs_size: Path | None  # None: one size, nothing to trend
 
 
 def write_figures(rep: ReportTables, figs: Path) -> ReportFigures:
@@ -45,7 +45,8 @@ def write_figures(rep: ReportTables, figs: Path) -> ReportFigures:
         savings_vs_size=plot_savings_vs_size(rep.savings_summary, df, figs / "savings_vs_size.png"),
         savings_vs_target_loss=plot_savings_curves(scurves_plot, figs / "savings_vs_target_loss.png", sizes=size_order(df)),
         benchmark_deltas=plot_benchmark_deltas(rep.benchmark_deltas, figs / "benchmark_deltas.png", sizes=size_order(df)),
-        effective_vs_size=plot_effective_vs_size(rep.size_trend, figs / "effective_vs_size.png"),
+        effective_vs_size=(plot_effective_vs_size(rep.size_trend, figs / "effective_vs_size.png")
+                           if len(size_order(df)) >= 2 else _drop(figs / "effective_vs_size.png")),
     )  # fmt: skip
 
 
@@ -58,3 +59,8 @@ def _kept_figure(sweep_dir: Path, figs: Path, name: str) -> Path | None:
     if src.resolve() != dst.resolve():
         shutil.copyfile(src, dst)
     return dst
+
+
+def _drop(path: Path) -> None:
+    """No figure: remove a stale one an earlier report wrote there."""
+    path.unlink(missing_ok=True)

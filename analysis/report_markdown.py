@@ -153,8 +153,9 @@ def _runs_section(df: pd.DataFrame, miss: dict[str, list[str]], skipped: list, t
 
 
 def _effective_section(eff: pd.DataFrame, summ: pd.DataFrame, trend: pd.DataFrame, trends: dict, no_trend: dict,
-                       fig: Path) -> list[str]:  # fmt: skip
-    """The headline: effective compute per group and pairing, and its trend with size."""
+                       fig: Path | None) -> list[str]:  # fmt: skip
+    """The headline: effective compute per group and pairing, and its trend with size (None:
+    one size, no trend figure)."""
     md = ["## Effective compute (the headline)", "",
           "Effective-compute multiplier (Hernandez et al. 2021) = the scratch FLOPs needed to reach the XATL run's final "
           "validation loss / the XATL run's FLOPs. *interpolated*: measured on the scratch curve (scratch runs train "
@@ -181,6 +182,8 @@ def _effective_section(eff: pd.DataFrame, summ: pd.DataFrame, trend: pd.DataFram
     md += ["", "Per pairing:", ""]
     md.append(md_table(eff, ["xatl_run", "xatl_state", "scratch_run", "seed", "budget", "xatl_loss", "scratch_flops",
                              "method", "effective", "effective_incl_source"]))  # fmt: skip
+    if fig is None:
+        return md + ["", "### Savings against size", "", "_One size in this sweep: no trend with size._", ""]
     md += ["", "### Savings against size", "", f"![effective compute vs size](figures/{fig.name})", "",
            "_Caption_: points are the measured means with their 95% intervals; the solid line is the fit "
            "multiplier = exp(a) * N^b over the measured sizes (N: non-embedding parameters), the band its bootstrap "
