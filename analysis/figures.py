@@ -14,7 +14,7 @@ import matplotlib.ticker as mticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-__all__ = ["arch_label", "variant_label", "plot_loss_vs_flops", "plot_savings_vs_size", "plot_savings_curves",
+__all__ = ["arch_label", "variant_label", "log_axis", "plot_loss_vs_flops", "plot_savings_vs_size", "plot_savings_curves",
            "plot_benchmark_deltas", "plot_effective_vs_size", "plot_loss_vs_tokens"]  # fmt: skip
 
 
@@ -68,7 +68,7 @@ def _compact(v: float, _pos=None) -> str:
     return f"{m}e{int(e)}"
 
 
-def _log_axis(ax, which: str = "x") -> None:
+def log_axis(ax, which: str = "x") -> None:
     """Log scale with labels at 1, 2 and 5 of each decade (1, 2, 3, 5, 7 within a narrow
     range; decades only over a wide one), so a range of 4 to 8 still reads."""
     axis = ax.xaxis if which == "x" else ax.yaxis
@@ -208,7 +208,7 @@ def _loss_panels(df: pd.DataFrame, curves: Mapping[str, pd.DataFrame], events: M
         ax.set_title(str(size), fontsize=10)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3, which="major")
-        _log_axis(ax, "x")
+        log_axis(ax, "x")
     axes[0][0].set_ylabel("validation loss")
     if any(events.get(r) for r in df["run"]) and x in ("flops", "tokens"):
         legend["unfreeze (LIT)"] = plt.Line2D([], [], ls="none", marker="o", mfc="none", color="0.3")
@@ -275,7 +275,7 @@ def plot_savings_vs_size(agg: pd.DataFrame, df: pd.DataFrame, path: str | Path) 
     ax.set_ylabel("FLOPs savings (scratch / XATL)")
     ax.set_title("paper's definition: arrows are lower bounds", fontsize=10)
     ax.grid(alpha=0.3, axis="y")
-    _log_axis(ax, "y")
+    log_axis(ax, "y")
     legend["arrow: at least this (XATL started below the target)"] = plt.Line2D([], [], color="0.3", marker="^", ls="none")
     fig.tight_layout()
     _legend(fig, list(legend.values()), list(legend.keys()))
@@ -324,8 +324,8 @@ def plot_effective_vs_size(trend: pd.DataFrame, path: str | Path) -> Path:
         ax.text(n, 1.0, name.replace("pythia-", ""), transform=ax.get_xaxis_transform(), rotation=90, va="top",
                 ha="right", fontsize=7, color="grey")  # fmt: skip
     ax.axhline(1.0, color="k", ls="--", lw=0.8)
-    _log_axis(ax, "x")
-    _log_axis(ax, "y")
+    log_axis(ax, "x")
+    log_axis(ax, "y")
     ax.set_xlabel("non-embedding parameters")
     ax.set_ylabel("effective-compute multiplier")
     ax.set_title("effective compute vs size (dashed: extrapolation, not a measurement)", fontsize=10)

@@ -162,6 +162,8 @@ def plot_residuals(fit: LawFit, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .figures import log_axis
+
     r = fit.residuals
     fig, axes = plt.subplots(1, len(fit.terms) + 1, figsize=(3.2 * (len(fit.terms) + 1), 3.2))
     axes = np.atleast_1d(axes)
@@ -176,10 +178,10 @@ def plot_residuals(fit: LawFit, path: str | Path) -> Path:
     lo, hi = float(r[["fitted", "multiplier"]].min().min()), float(r[["fitted", "multiplier"]].max().max())
     axes[0].plot([lo, hi], [lo, hi], color="grey", lw=0.8)
     axes[0].set_xlabel("law")
-    axes[0].set_ylabel("measured multiplier (hollow: extrapolated)")
+    axes[0].set_ylabel("measured multiplier\n(hollow: extrapolated)")
     axes[0].legend(fontsize=7)
     for ax, t in zip(axes[1:], fit.terms):
-        ax.set_xscale("log")
+        log_axis(ax, "x")
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xlabel(t)
         ax.set_ylabel("log residual")

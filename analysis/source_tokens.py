@@ -137,7 +137,7 @@ def plot_source_tokens(summary: pd.DataFrame, path: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from matplotlib.ticker import NullFormatter
+    from .figures import log_axis
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     for (recipe, g) in summary.assign(setting=setting_label(summary)).groupby("setting", sort=False):
@@ -148,10 +148,9 @@ def plot_source_tokens(summary: pd.DataFrame, path: str | Path) -> Path | None:
             hi = np.nan_to_num(g[f"{pre}_ci_high"].to_numpy(dtype=float) - y)
             ax.errorbar(g["source_tokens"], y, yerr=[lo, hi], marker="o", capsize=3, label=str(recipe))
     for ax, t in zip(axes, ("effective-compute multiplier", "incl. the source's FLOPs")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis overlap
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")  # before the ticks: the line is in the range they cover
+        log_axis(ax, "x")
+        log_axis(ax, "y")
         ax.set_xlabel("source training tokens (source_tokens)")
         ax.set_title(t, fontsize=9)
     axes[0].legend(title="student mixer, recipe, freezing", fontsize=8)
