@@ -215,7 +215,7 @@ def test_good_config_passes_and_prints_the_command(tmp_path, tiny_dataset, sourc
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train", str(path), "--dry-run", "--num-gpus", "2"]) == 0
     out = capsys.readouterr().out
-    assert "--num_gpus 2 --module xatl_ds.train" in out
+    assert re.search(r"--num_gpus 2 --master_port \d+ --module xatl_ds.train --config \S+run.yaml$", out.strip()), out
     assert not (tmp_path / "out").exists()
     # a finished run of this very config passes (the trainer says "nothing to do")
     c = load_run_config(path)

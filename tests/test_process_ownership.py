@@ -77,12 +77,17 @@ def assert_no_orphans(marker: str, timeout: float = 15.0) -> None:
     wait_for(lambda: not processes_with(marker), timeout, f"every process of {marker} to end")
 
 
-def assert_resumes_exactly(cmd: list[str], run_dir: Path) -> None:
+def assert_resumes_exactly(cmd: list[str], run_dir: Path, logs: Path | None = None) -> None:
+    """``cmd`` finishes the run in ``run_dir`` from where it was killed; on failure the message
+    carries what the command and the run logs under ``logs`` said (CI keeps no tmp folders)."""
     before = steps_logged(run_dir)
     r = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    said = r.stdout[-3000:] + r.stderr[-3000:]
+    if logs is not None and logs.is_dir():
+        said += "".join(f"\n== {p.name}\n{p.read_text()[-2500:]}" for p in sorted(logs.glob("*.log")))
+    assert r.returncode == 0, said
     steps = steps_logged(run_dir)
-    assert steps == list(range(1, STEPS + 1)), "each step logged exactly once, in order"
+    assert steps == list(range(1, STEPS + 1)), f"each step logged exactly once, in order; the command said:\n{said}"
     assert 0 < len(before) < STEPS, "the kill happened mid-run"
     assert (run_dir / "DONE").is_file()
 
@@ -162,4 +167,4 @@ def test_tune_worker_killed_leaves_no_rank(tmp_path, tiny_dataset, sig):
     proc.wait(timeout=60)
     assert_no_orphans(str(tmp_path / "study" / "trials"))
     # a new worker fails the stale trial and retries it in the same folder, resuming it
-    assert_resumes_exactly([XATL, "tune", str(f), "--worker-id", "second"], trial)
+    assert_resumes_exactly([XATL, "tune", str(f), "--worker-id", "second"], trial, logs=tmp_path / "study" / "logs")
