@@ -40,6 +40,17 @@ def test_sweep_list_keeps_sweeps_and_studies_apart(capsys):
     assert all(len(x.split()) > 2 for x in out if x.startswith("  ")), "every entry has its summary"
 
 
+@pytest.mark.parametrize("value, expected", [("1", "1"), (None, None)])
+def test_no_progress_switch_also_silences_library_bars(capsys, monkeypatch, value, expected):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    if value is None:
+        monkeypatch.delenv("XATL_NO_PROGRESS", raising=False)
+    else:
+        monkeypatch.setenv("XATL_NO_PROGRESS", value)
+    assert main(["sweep", "list"]) == 0
+    assert os.environ.get("TQDM_DISABLE") == expected  # lm-eval's tqdm bars read it
+
+
 def test_studies_by_name_and_not_as_sweeps(capsys, tmp_path, monkeypatch):
     from xatl_ds.config import ConfigError, study_file_path, sweep_file_path
     from xatl_ds.tune import load_study

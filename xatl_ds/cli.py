@@ -57,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
+    if os.environ.get("XATL_NO_PROGRESS") == "1":  # the older switch also silences libraries' bars (lm-eval's)
+        os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:
