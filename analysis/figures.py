@@ -70,7 +70,8 @@ def _compact(v: float, _pos=None) -> str:
 
 def log_axis(ax, which: str = "x") -> None:
     """Log scale with labels at 1, 2 and 5 of each decade (1, 2, 3, 5, 7 within a narrow
-    range; decades only over a wide one), so a range of 4 to 8 still reads."""
+    range; decades only over a wide one), so a range of 4 to 8 still reads; under half a
+    decade (1.0 to 1.3), evenly spaced round values. Call it after the data are drawn."""
     axis = ax.xaxis if which == "x" else ax.yaxis
     (ax.set_xscale if which == "x" else ax.set_yscale)("log")
     lo, hi = ax.get_xlim() if which == "x" else ax.get_ylim()

@@ -129,7 +129,8 @@ def setting_label(summary: pd.DataFrame) -> pd.Series:
 
 
 def plot_source_tokens(summary: pd.DataFrame, path: str | Path) -> Path | None:
-    """Multiplier (and source-inclusive multiplier) against source tokens, one colour per recipe."""
+    """Multiplier (and source-inclusive multiplier) against source tokens, one colour per
+    setting (:func:`setting_label`)."""
     if summary.empty:
         return None
     import matplotlib
@@ -140,13 +141,13 @@ def plot_source_tokens(summary: pd.DataFrame, path: str | Path) -> Path | None:
     from .figures import log_axis
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
-    for (recipe, g) in summary.assign(setting=setting_label(summary)).groupby("setting", sort=False):
+    for (setting, g) in summary.assign(setting=setting_label(summary)).groupby("setting", sort=False):
         g = g.sort_values("source_tokens")
         for ax, pre in zip(axes, ("multiplier", "multiplier_incl_source")):
             y = g[f"{pre}_mean"].to_numpy(dtype=float)
             lo = np.nan_to_num(y - g[f"{pre}_ci_low"].to_numpy(dtype=float))
             hi = np.nan_to_num(g[f"{pre}_ci_high"].to_numpy(dtype=float) - y)
-            ax.errorbar(g["source_tokens"], y, yerr=[lo, hi], marker="o", capsize=3, label=str(recipe))
+            ax.errorbar(g["source_tokens"], y, yerr=[lo, hi], marker="o", capsize=3, label=str(setting))
     for ax, t in zip(axes, ("effective-compute multiplier", "incl. the source's FLOPs")):
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")  # before the ticks: the line is in the range they cover
         log_axis(ax, "x")

@@ -541,3 +541,22 @@ def test_distilled_runs_count_the_teacher_and_show_the_student_alone(tmp_path):
     assert row["effective_excl_teacher"].startswith(f"{1.5 * m:.2f}x") or \
         float(row["effective_excl_teacher"].split("x")[0]) == pytest.approx(1.5 * m, rel=0.02)
     assert (tmp_path / "figures" / "loss_vs_tokens.png").is_file()
+
+
+@pytest.mark.parametrize("lo, hi, at_least", [(1.0, 1.35, 3), (4.0, 8.0, 2), (1e5, 1e9, 4)])
+def test_log_axis_labels_narrow_and_wide_ranges(lo, hi, at_least):
+    """A log axis shows several labels however narrow its range (a lone "1" on 1.0-1.35 was
+    the complaint), none of them outside the range."""
+    import matplotlib.pyplot as plt
+
+    from analysis.figures import log_axis
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [lo, hi])
+    log_axis(ax, "y")
+    fig.canvas.draw()
+    ymin, ymax = ax.get_ylim()
+    labelled = [t for t in ax.yaxis.get_major_ticks() if t.label1.get_text() and ymin <= t.get_loc() <= ymax]
+    plt.close(fig)
+    assert len(labelled) >= at_least
+
