@@ -121,6 +121,11 @@ def test_resume_tag_skips_a_deleted_checkpoint(tmp_path):
     assert resume_tag(ck) == "step00000004", "the previous one, never the unfinished step00000008"
     (ck / "latest").write_text("step00000001")
     assert resume_tag(ck) is None
+    (ck / "latest").write_text("")  # a save cut while writing latest: not the checkpoints folder itself
+    assert resume_tag(ck) == "step00000004", "the newest folder but one: the newest may be the cut save"
+    for tag in ("step00000002", "step00000004"):
+        shutil.rmtree(ck / tag)
+    assert resume_tag(ck) is None
 
 
 # -- a real run, tampered and resumed -------------------------------------------------------

@@ -40,7 +40,8 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict,
 def resume_tag(ckpt_dir: str | Path) -> str | None:
     """The checkpoint tag a run resumes from, or None (start from scratch).
 
-    It is the tag ``latest`` names. If that folder is gone (deleting a bad checkpoint is the
+    It is the tag ``latest`` names (an empty ``latest``, from a save cut while writing it: the
+    newest folder but one). If that folder is gone (deleting a bad checkpoint is the
     documented fix), it is the newest remaining tag older than it; tags sort by name, as the
     trainer's zero-padded ``stepNNNNNNNN`` do. A folder newer than ``latest`` is never used: it
     is a save that did not complete.
@@ -50,6 +51,14 @@ def resume_tag(ckpt_dir: str | Path) -> str | None:
     if not latest.is_file():
         return None
     tag = latest.read_text().strip()
+    if not tag:
+        # a save cut while writing ``latest`` (written last): its folder is the newest and may be
+        # incomplete; the one before it finished (old tags are deleted only after ``latest``)
+        done = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and _has_model_states(p))
+        chosen = done[-2] if len(done) >= 2 else None
+        log.warning("%s is empty (a save was cut); %s", latest,
+                    f"resuming from {chosen}" if chosen else "no earlier checkpoint: starting from scratch")  # fmt: skip
+        return chosen
     if (ckpt_dir / tag).is_dir():
         return tag
     older = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name < tag and _has_model_states(p))
