@@ -559,4 +559,3 @@ def test_log_axis_labels_narrow_and_wide_ranges(lo, hi, at_least):
     labelled = [t for t in ax.yaxis.get_major_ticks() if t.label1.get_text() and ymin <= t.get_loc() <= ymax]
     plt.close(fig)
     assert len(labelled) >= at_least
-
