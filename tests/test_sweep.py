@@ -213,6 +213,7 @@ def test_real_sweep_interrupt_resume_skip(tmp_path, tiny_dataset, monkeypatch, c
     watcher.join()
     out = capsys.readouterr().out
     assert "interrupted" in out and not (src.out_dir / "DONE").exists()
+    assert "source: stopped at step" in out and "FAILED" not in out, "an interrupt is no failure"
     rec = {r["name"]: r for r in json.loads((sw.root / "sweep.json").read_text())["runs"]}
     assert rec["source"]["state"] == "failed" and rec["s0"]["state"] == "pending"
     steps_before = json.loads((src.out_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"]

@@ -222,6 +222,9 @@ class Scheduler:
                 state = "done"
                 steps, val = r.dir.progress()
                 self.say(f"{r.name}: done ({steps} steps, val loss {val})")
+            elif stop_asked.is_set():  # the user's interrupt: "failed" by the vocabulary, not an error
+                state = "failed"
+                fail(r, f"stopped at step {r.dir.progress()[0]}; rerun to resume it from its last checkpoint")
             else:
                 state = "failed"
                 fail(r, f"FAILED (exit code {rc}; see {ln.log.name})")
