@@ -43,12 +43,14 @@ def test_sweep_list_keeps_sweeps_and_studies_apart(capsys):
 @pytest.mark.parametrize("value, expected", [("1", "1"), (None, None)])
 def test_no_progress_switch_also_silences_library_bars(capsys, monkeypatch, value, expected):
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
     if value is None:
         monkeypatch.delenv("XATL_NO_PROGRESS", raising=False)
     else:
         monkeypatch.setenv("XATL_NO_PROGRESS", value)
     assert main(["sweep", "list"]) == 0
-    assert os.environ.get("TQDM_DISABLE") == expected  # lm-eval's tqdm bars read it
+    assert os.environ.get("TQDM_DISABLE") == expected  # tqdm's switch (the lm-eval bridge honours it)
+    assert os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == expected  # transformers' weight-loading bar
 
 
 def test_studies_by_name_and_not_as_sweeps(capsys, tmp_path, monkeypatch):

@@ -170,3 +170,19 @@ def test_task_aliases_and_cli(xatl_run, tmp_path, capsys):
     assert list(out["tasks"]) == ["xatl_nextsent"] and out["tasks"]["xatl_nextsent"]["n_samples"] == 3
     assert "xatl_nextsent (n=3)" in capsys.readouterr().out
     assert main(["eval", str(tmp_path / "nothing")]) == 2 and "no hf/ export" in capsys.readouterr().err
+
+
+def test_tqdm_disable_silences_lm_evals_bars(xatl_run, tmp_path, capfd, monkeypatch):
+    """lm-eval hands tqdm an explicit ``disable=False``, which tqdm's own TQDM_DISABLE cannot
+    override; the bridge honours it (XATL_NO_PROGRESS=1 sets it for long studies' logs)."""
+    run = tmp_path / "copy"
+    shutil.copytree(xatl_run / "hf", run / "hf")
+    (run / "meta.json").write_text((xatl_run / "meta.json").read_text())
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    evaluate_run(run, tasks="xatl_nextsent", limit=3, batch_size=3, force=True)
+    assert "Running loglikelihood requests" in capfd.readouterr().err, "the control: bars without the switch"
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    evaluate_run(run, tasks="xatl_nextsent", limit=3, batch_size=3, force=True)
+    err = capfd.readouterr().err
+    assert "Running loglikelihood requests" not in err and "Tokenizing inputs" not in err, err[-2000:]
+    assert "Loading weights" not in err, err[-2000:]

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 from .cli_artifacts import data_parser, eval_parser, export_parser, report_parser, transfer_parser
 from .cli_launch import quickstart_parser, sweep_parser, train_parser, tune_parser
+from .monitor import bars_off
 
 __all__ = ["build_parser", "main"]
 
@@ -59,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(command).parse_args(argv)
     if os.environ.get("XATL_NO_PROGRESS") == "1":  # the older switch also silences libraries' bars (lm-eval's)
         os.environ.setdefault("TQDM_DISABLE", "1")
+    if bars_off():  # transformers' bars (weight loading) follow huggingface_hub's switch, not tqdm's
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:

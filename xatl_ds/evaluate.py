@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .monitor import bars_off
 from .rundir import RunDir
 from .tasks import LOCAL_TASKS, TaskBuildError, build_tasks
 
@@ -84,6 +85,10 @@ def _lm_class():
                 kwargs["device"] = "cuda" if torch.cuda.is_available() else "cpu"
             if kwargs.get("batch_size") is None:
                 kwargs["batch_size"] = 1
+            if bars_off():  # transformers' weight-loading bar follows its own switch
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.disable_progress_bar()
             super().__init__(pretrained=pretrained, **kwargs)
             self.tokenizer.padding_side = "right"
 
@@ -92,9 +97,19 @@ def _lm_class():
             """True for XatlForCausalLM (right padding only)."""
             return type(self.model).__name__ == "XatlForCausalLM"
 
+        # lm-eval passes ``disable=`` to tqdm explicitly, which beats tqdm's own TQDM_DISABLE: honour it here
+        def loglikelihood(self, requests, disable_tqdm: bool = False):  # noqa: D401
+            """HFLM's, its progress bars off under ``TQDM_DISABLE``."""
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or bars_off())
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):  # noqa: D401
+            """HFLM's, its progress bars off under ``TQDM_DISABLE``."""
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or bars_off())
+
         def generate_until(self, requests, disable_tqdm: bool = False):  # noqa: D401
             """HFLM left-pads generation batches; recurrent mixers reject that, so generate one
             request at a time (no padding at all)."""
+            disable_tqdm = disable_tqdm or bars_off()
             if not self.is_recurrent:
                 return super().generate_until(requests, disable_tqdm=disable_tqdm)
             outs: list[str] = []

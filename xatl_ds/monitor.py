@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, TextIO
 
-__all__ = ["TENSORBOARD_DIR", "Monitor", "TensorBoardMonitor", "WandbMonitor", "MonitorError", "MetricsFile",
+__all__ = ["TENSORBOARD_DIR", "bars_off", "Monitor", "TensorBoardMonitor", "WandbMonitor", "MonitorError", "MetricsFile",
            "flatten_row", "open_metrics", "open_monitors", "replay", "progress_bar", "bar_postfix"]
 
 #: the event files' folder inside a run directory
@@ -195,6 +195,14 @@ def open_metrics(rundir: Any, cfg: Any, step: int = 0) -> MetricsFile:
     return MetricsFile(open(rundir.metrics, "a"), monitors)
 
 
+def bars_off() -> bool:
+    """Progress bars are off: tqdm's own ``TQDM_DISABLE``, or ``XATL_NO_PROGRESS=1`` (which
+    xatl_ds.cli turns into ``TQDM_DISABLE`` for the libraries' bars too)."""
+    if os.environ.get("XATL_NO_PROGRESS") == "1":
+        return True
+    return os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def progress_bar(name: str, total: int | None, initial: int, resumed: bool) -> Any:
     """The trainer's progress bar on the terminal (rank 0), a tqdm over steps (``total``
     None: a FLOP budget, no known end). ``TQDM_DISABLE=1`` (tqdm's own variable) turns it off;
@@ -202,9 +210,8 @@ def progress_bar(name: str, total: int | None, initial: int, resumed: bool) -> A
     from tqdm import tqdm
 
     desc = f"{name}" + (" (resumed)" if resumed else "")
-    legacy = {"disable": True} if os.environ.get("XATL_NO_PROGRESS") == "1" else {}
     return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0,
-                **legacy)  # fmt: skip
+                **({"disable": True} if bars_off() else {}))  # fmt: skip
 
 
 def bar_postfix(row: dict, val: float | None) -> dict:
