@@ -47,19 +47,20 @@ __all__ = ["write_report", "missing_items", "md_table", "arch_label", "effective
 def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *,
                  source_flops: float | Mapping[str, float] | None = None, expected: Iterable[str] | None = None,
                  eval_tasks: Iterable[str] | None = None, ema: float = 0.0, n_boot: int = 2000,
-                 fit_boot: int = 200) -> Path:  # fmt: skip
+                 fit_boot: int = 200, runs: Iterable[str | Path] | None = None) -> Path:  # fmt: skip
     """Build every table and figure for the sweep under ``sweep_dir`` and write report.md;
     returns its path. ``source_flops``: pretraining FLOPs of sources not trained in the sweep
     (one number, or {source: flops}); ``expected``: globs of the sweep's run config YAMLs;
     ``eval_tasks``: tasks every finished run should have (default: whatever any run has);
     ``n_boot``: bootstrap replicates over seeds; ``fit_boot``: refits of each extrapolated
-    scratch curve."""
+    scratch curve; ``runs``: report only these run folders (a subset of the sweep's grid, as
+    ``quickstart --only`` trains), not every folder under ``sweep_dir``."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
     out = Path(out_dir) if out_dir is not None else sweep_dir
     rep = compute_report(sweep_dir, source_flops=source_flops, expected=expected, eval_tasks=eval_tasks, ema=ema,
-                         n_boot=n_boot, fit_boot=fit_boot)  # fmt: skip
+                         n_boot=n_boot, fit_boot=fit_boot, runs=runs)  # fmt: skip
     write_tables(rep, out)
     figures = write_figures(rep, out / "figures")
     path = out / "report.md"

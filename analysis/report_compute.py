@@ -168,11 +168,11 @@ class ReportTables:
 
 def compute_report(sweep_dir: str | Path, *, source_flops: float | Mapping[str, float] | None = None,
                    expected: Iterable[str] | None = None, eval_tasks: Iterable[str] | None = None, ema: float = 0.0,
-                   n_boot: int = 2000, fit_boot: int = 200) -> ReportTables:  # fmt: skip
+                   n_boot: int = 2000, fit_boot: int = 200, runs: Iterable[str | Path] | None = None) -> ReportTables:  # fmt: skip
     """Every table of the report on ``sweep_dir`` (arguments: :func:`analysis.report.write_report`'s)."""
     sweep_dir = Path(sweep_dir)
     expected_dirs = expected_run_dirs(expected)
-    data = load_sweep(sweep_dir, allow_empty=bool(expected_dirs))
+    data = load_sweep(sweep_dir, allow_empty=bool(expected_dirs), runs=runs)
     df, curves, tables = data.df, data.curves, data.mode == "tables"
     sources = _source_runs(df, sweep_dir) if not df.empty else set()
     if tables:

@@ -74,12 +74,17 @@ def _origin(df: pd.DataFrame, fallback: str) -> str:
     return roots.pop() if len(roots) == 1 else fallback
 
 
-def load_sweep(sweep_dir: str | Path, *, allow_empty: bool = False) -> SweepData:
-    """The runs under ``sweep_dir``; where there are none, the report committed there
+def load_sweep(sweep_dir: str | Path, *, allow_empty: bool = False, runs: Iterable[str | Path] | None = None) -> SweepData:
+    """The runs under ``sweep_dir`` (only those whose folder is in ``runs``, when given: a
+    subset of a grid, ``--only``); where there are none, the report committed there
     (results.parquet, with curves.parquet for an exact rebuild). FileNotFoundError when there
     is neither (unless ``allow_empty``: a sweep whose runs have not started)."""
     sweep_dir = Path(sweep_dir)
     records, skipped = load_runs(sweep_dir)
+    if runs is not None:
+        keep = {Path(r).resolve() for r in runs}
+        records = [r for r in records if Path(r.run_dir).resolve() in keep]
+        skipped = [(d, why) for d, why in skipped if Path(d).resolve() in keep]
     if records:
         df = results_table(sweep_dir, records)
         n_params = _nonembed_params(records, df["run"])

@@ -373,6 +373,20 @@ def _ladder_sweep(root: Path, scratch_factor: dict[str, float], seeds=(0, 1, 2))
     return truth
 
 
+def test_report_of_a_subset_leaves_other_folders_out(tmp_path):
+    """``runs=`` (what ``quickstart --only`` passes): the report covers those folders, not every
+    run folder another selection left under the same sweep root."""
+    sweep = tmp_path / "sweep"
+    _ladder_sweep(sweep, {"mini": 4.0, "tiny": 1.0, "small": 1.0}, seeds=(0,))
+    everything = sorted(p.name for p in sweep.iterdir() if (p / "config.yaml").is_file())
+    mini = [sweep / n for n in everything if n.startswith(("source-mini", "mini-"))]
+    assert 3 == len(mini) < len(everything)
+    write_report(sweep, tmp_path / "subset", n_boot=50, fit_boot=5, runs=mini)
+    assert sorted(pd.read_csv(tmp_path / "subset" / "results.csv")["run"]) == sorted(p.name for p in mini)
+    write_report(sweep, tmp_path / "all", n_boot=50, fit_boot=5)
+    assert sorted(pd.read_csv(tmp_path / "all" / "results.csv")["run"]) == everything
+
+
 def test_report_effective_compute_both_regimes_and_size_trend(tmp_path):
     # mini and tiny: scratch trains 5x the XATL budget (past m * budget: interpolated);
     # small: scratch stops at the XATL budget and never reaches XATL's loss (extrapolated)

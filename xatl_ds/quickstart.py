@@ -55,7 +55,8 @@ def run(sweep_file: Path, eval_limit: int | None = None, report_out: Path | None
         _say(f"    {name}: {scores}")
 
     _say("4/4 writing the report" + (f" into {report_out}" if report_out is not None else ""))
-    report = write_report(sweep.root, out_dir=report_out)
+    # this grid's runs only: not folders another selection (--only) or an older version of the file left
+    report = write_report(sweep.root, out_dir=report_out, runs=[r.out_dir for r in runs])
     _say(f"report: {report} ({(time.monotonic() - t0) / 60:.1f} minutes in all)")
     for line in summary_lines(report.parent):
         print(line)
