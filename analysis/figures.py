@@ -363,7 +363,14 @@ def plot_savings_curves(curves: pd.DataFrame, path: str | Path, sizes: Iterable[
             st = {"color": style.shade(row), "ls": style(row)["ls"]}
             t_hi = min(float(p["target"].max()) for p in pcs)
             t_lo = max(float(p["target"].min()) for p in pcs)
-            if not t_hi > t_lo:
+            if not t_hi > t_lo:  # the seeds share no target range: no mean, each seed's own points
+                for p in pcs:
+                    lbp = p["lower_bound"].astype(float).to_numpy() > 0.5
+                    x, y = p["target"].to_numpy(float), p["ratio"].to_numpy(float)
+                    ax.plot(x[~lbp], y[~lbp], "o", color=st["color"], ms=3)
+                    ax.plot(x[lbp][::2], y[lbp][::2], "^", mfc="none", color=st["color"], ms=4, mew=0.9)
+                legend.setdefault(f"{label} ({len(pcs)} seeds, drawn apart: no target range they share)",
+                                  plt.Line2D([], [], ls="none", marker="o", ms=3, color=st["color"]))  # fmt: skip
                 continue
             grid = np.linspace(t_hi, t_lo, 40)
             r = np.array([np.interp(grid, p["target"].to_numpy(float)[::-1], p["ratio"].to_numpy(float)[::-1])

@@ -573,3 +573,26 @@ def test_log_axis_labels_narrow_and_wide_ranges(lo, hi, at_least):
     labelled = [t for t in ax.yaxis.get_major_ticks() if t.label1.get_text() and ymin <= t.get_loc() <= ymax]
     plt.close(fig)
     assert len(labelled) >= at_least
+
+
+def test_savings_curves_draw_seeds_that_share_no_target_range(tmp_path, monkeypatch):
+    """A variant whose seeds reach disjoint target ranges has no mean to draw; each seed's own
+    points are drawn instead of the variant silently missing from its panel (it did, for
+    zero_out at tiny in docs/results/recipes)."""
+    import analysis.figures as figures
+
+    def pairing(run, targets, ratios, lower):
+        return pd.DataFrame({"target": targets, "ratio": ratios, "lower_bound": lower, "xatl_run": run,
+                             "scratch_run": run + "-scratch", "size": "tiny", "mixer": "mamba2",
+                             "attention_layers": "none", "freeze_policy": "lit"})  # fmt: skip
+
+    apart = pd.concat([pairing("a", [6.0, 5.5, 5.2], [2.0, 9.0, 30.0], [1.0, 1.0, 1.0]),
+                       pairing("b", [5.1, 5.05], [40.0, 45.0], [0.0, 0.0])])  # fmt: skip
+    drawn = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.setdefault("fig", fig) and path)
+    figures.plot_savings_curves(apart, tmp_path / "s.png", sizes=["tiny"])
+    ax = drawn["fig"].axes[0]
+    points = {(round(x, 3), round(y, 3)) for ln in ax.get_lines() for x, y in zip(ln.get_xdata(), ln.get_ydata())}
+    assert {(5.1, 40.0), (5.05, 45.0), (6.0, 2.0)} <= points, "every seed's own points are drawn"
+    labels = [t.get_text() for t in drawn["fig"].legends[0].get_texts()]
+    assert any("drawn apart" in t for t in labels), labels
