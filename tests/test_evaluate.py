@@ -182,7 +182,12 @@ def test_tqdm_disable_silences_lm_evals_bars(xatl_run, tmp_path, capfd, monkeypa
     evaluate_run(run, tasks="xatl_nextsent", limit=3, batch_size=3, force=True)
     assert "Running loglikelihood requests" in capfd.readouterr().err, "the control: bars without the switch"
     monkeypatch.setenv("TQDM_DISABLE", "1")
-    evaluate_run(run, tasks="xatl_nextsent", limit=3, batch_size=3, force=True)
+    from transformers.utils import logging as hf_logging
+
+    try:
+        evaluate_run(run, tasks="xatl_nextsent", limit=3, batch_size=3, force=True)
+    finally:
+        hf_logging.enable_progress_bar()  # the bridge switched transformers' process-wide bar off: restore it
     err = capfd.readouterr().err
     assert "Running loglikelihood requests" not in err and "Tokenizing inputs" not in err, err[-2000:]
     assert "Loading weights" not in err, err[-2000:]
